@@ -1,0 +1,52 @@
+"""The `clickvec` command. Each subcommand lives in its own module and exposes
+`main(argv: list[str]) -> int`; modules are imported lazily so `clickvec stream`
+never imports torch."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "broker": ("clickvec.broker", "start/stop the local Apache Kafka broker (deploy/kafka)"),
+    "synth": ("clickvec.synth", "generate synthetic click streams with planted structure"),
+    "produce": ("clickvec.produce", "send events (synthetic or from a file) to a Kafka topic"),
+    "train": ("training.cli", "train the LSTM encoder offline (needs the [train] extra)"),
+    "export": ("export.cli", "export a trained run to a verified ONNX model bundle"),
+    "stream": ("stream.cli", "run the Faust stream worker"),
+    "alerts": ("stream.alerts", "fraud-alerting consumer of the vector topic"),
+    "recommend": ("stream.recommend", "live recommendation consumer of the vector topic"),
+    "run": ("clickvec.mainjob", "the whole pipeline in one command"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: clickvec <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {doc}" for name, (_, doc) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "--version":
+        from clickvec import __version__
+
+        print(__version__)
+        return 0
+    if cmd not in SUBCOMMANDS:
+        print(f"clickvec: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    module = importlib.import_module(SUBCOMMANDS[cmd][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
