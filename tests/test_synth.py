@@ -1,0 +1,121 @@
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from clickvec.contract import EVENT_TYPES, ClickEvent
+from clickvec.synth import LABELS, SynthConfig, anomalies, generate_events, generate_table, main
+
+CFG = SynthConfig(n_users=400, n_items=300, n_categories=12, seed=7, anomaly_fraction=0.05)
+
+
+@pytest.fixture(scope="module")
+def table():
+    return generate_table(CFG)
+
+
+def test_same_seed_same_table(table):
+    assert generate_table(CFG).equals(table)
+    assert not generate_table(SynthConfig(n_users=400, n_items=300, n_categories=12, seed=8)).equals(table)
+
+
+def test_schema_and_order(table):
+    assert table.schema.names == ["user_id", "item_id", "event_type", "ts", "category", "amount", "session_id", "label"]
+    ts = table.column("ts").to_numpy()
+    users = np.asarray(table.column("user_id").to_pylist())
+    assert np.all(np.diff(ts) >= 0)
+    ties = np.flatnonzero(np.diff(ts) == 0)
+    assert all(users[i] <= users[i + 1] for i in ties)
+    assert len(set(users)) == CFG.n_users
+    assert set(table.column("label").to_pylist()) == set(LABELS)
+    assert set(table.column("event_type").to_pylist()) == set(EVENT_TYPES)
+
+
+def test_per_user_sequences(table):
+    by_user: dict[str, list[int]] = {}
+    for u, t in zip(table.column("user_id").to_pylist(), table.column("ts").to_pylist(), strict=True):
+        by_user.setdefault(u, []).append(t)
+    assert min(len(v) for v in by_user.values()) >= 3
+    assert all(all(a <= b for a, b in zip(v, v[1:])) for v in by_user.values())
+    lengths = np.array([len(v) for v in by_user.values()])
+    assert lengths.max() > 4 * np.median(lengths)  # heavy tail
+
+
+def test_funnels_ordered_and_amounts(table):
+    rows = [r for r in table.to_pylist() if r["label"] == "normal"]
+    last: dict[tuple[str, str], int] = {}  # (user, item) -> funnel stage of the previous event
+    stage = {t: i for i, t in enumerate(EVENT_TYPES)}
+    prev_of_user: dict[str, dict] = {}
+    for r in rows:
+        s = stage[r["event_type"]]
+        if s > 0:  # a funnel step follows the previous stage on the same item
+            p = prev_of_user[r["user_id"]]
+            assert p["item_id"] == r["item_id"] and stage[p["event_type"]] == s - 1
+        assert (r["amount"] is not None) == (s >= 3)
+        prev_of_user[r["user_id"]] = r
+        last[(r["user_id"], r["item_id"])] = s
+
+
+def test_anomalies(table):
+    first = anomalies(table)
+    expected = round(CFG.anomaly_fraction * CFG.n_users)
+    assert len(first) == expected
+    labels = np.asarray(table.column("label").to_pylist())
+    users = np.asarray(table.column("user_id").to_pylist())
+    ts = table.column("ts").to_numpy()
+    for kind in ("account_takeover", "card_testing"):
+        assert abs(len(set(users[labels == kind])) - expected / 2) <= 1
+    for u, t0 in first.items():
+        mine = users == u
+        # Normal history first, then the burst: fast events.
+        assert np.all(labels[mine & (ts < t0)] == "normal")
+        burst = ts[mine & (labels != "normal")]
+        assert burst.size >= 10 and np.median(np.diff(burst)) < 10_000
+    # Card testing is tiny payments; takeover ends in large ones.
+    amt = table.column("amount").to_numpy(zero_copy_only=False)
+    et = np.asarray(table.column("event_type").to_pylist())
+    ct = labels == "card_testing"
+    assert np.all(et[ct] == "payment") and np.all(amt[ct] < 5)
+    assert np.nanmax(amt[(labels == "account_takeover") & (et == "payment")]) > 300
+
+
+def test_takeover_in_untouched_categories(table):
+    labels = np.asarray(table.column("label").to_pylist())
+    users = np.asarray(table.column("user_id").to_pylist())
+    cats = np.asarray(table.column("category").to_pylist())
+    for u in set(users[labels == "account_takeover"]):
+        mine = users == u
+        assert not set(cats[mine & (labels == "account_takeover")]) & set(cats[mine & (labels == "normal")])
+
+
+def test_events_match_table():
+    cfg = SynthConfig(n_users=50, n_items=100, n_categories=5, seed=1)
+    ev = generate_events(cfg)
+    t = generate_table(cfg)
+    assert len(ev) == t.num_rows and isinstance(ev[0], ClickEvent)
+    assert [e.ts for e in ev] == t.column("ts").to_pylist()
+    assert [e.item_id for e in ev] == t.column("item_id").to_pylist()
+
+
+def test_planted_interest_structure():
+    """Users concentrate on a few categories (the long-term signal the model should learn)."""
+    t = generate_table(SynthConfig(n_users=300, seed=3, anomaly_fraction=0.0))
+    users = np.asarray(t.column("user_id").to_pylist())
+    cats = np.asarray(t.column("category").to_pylist())
+    top3 = []
+    for u in np.unique(users):
+        _, c = np.unique(cats[users == u], return_counts=True)
+        if c.sum() >= 20:
+            top3.append(np.sort(c)[::-1][:3].sum() / c.sum())
+    assert np.mean(top3) > 0.8
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "ev.parquet"
+    js = tmp_path / "ev.jsonl"
+    assert main(["--users", "60", "--items", "200", "--seed", "2", "--out", str(out), "--jsonl", str(js)]) == 0
+    assert out.exists() and js.exists()
+    assert "users=60" in capsys.readouterr().out
+    from clickvec.eventfile import read_table
+
+    assert read_table(out).num_rows == read_table(js).num_rows
+    assert pc.sum(pc.equal(read_table(out).column("label"), "normal")).as_py() > 0
