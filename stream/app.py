@@ -1,0 +1,197 @@
+"""The Faust application: topics, the user-state table, the encoding agent, web views.
+
+Built by `build_app(cfg)`; `stream.cli` runs it under a Faust Worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import weakref
+from typing import Any
+
+import faust
+from confluent_kafka.admin import AdminClient, NewTopic
+from faust.streams import _current_event
+
+from clickvec.bundle import load_bundle
+from stream.config import StreamConfig
+from stream.engine import Engine, EngineConfig, Record, StateStore
+from stream.metrics import Metrics
+from stream.sink import Sink
+
+log = logging.getLogger(__name__)
+
+TABLE_NAME = "user-state"
+
+
+class TableStore(StateStore):
+    """The Faust table as a `StateStore`. Faust picks the RocksDB partition and the
+    changelog partition from the *current event*; inside a micro-batch we point it at
+    the event that owns the user, so state always follows its input partition."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def get(self, user_id: str, record: Record) -> bytes | None:
+        token = _current_event.set(weakref.ref(record.handle))
+        try:
+            return self.table.get(user_id.encode())
+        finally:
+            _current_event.reset(token)
+
+    def put(self, user_id: str, value: bytes, record: Record) -> None:
+        token = _current_event.set(weakref.ref(record.handle))
+        try:
+            self.table[user_id.encode()] = value
+        finally:
+            _current_event.reset(token)
+
+
+def ensure_topics(cfg: StreamConfig) -> int:
+    """Partition count of the input topic; creates the output and dead-letter topics
+    with the same count when missing."""
+    admin = AdminClient(cfg.librdkafka())
+    md = admin.list_topics(timeout=30)
+    if cfg.in_topic not in md.topics or md.topics[cfg.in_topic].error is not None:
+        raise SystemExit(
+            f"input topic {cfg.in_topic!r} does not exist on {cfg.brokers}; create it (clickvec produce "
+            "--partitions N creates it) before starting the worker"
+        )
+    n = len(md.topics[cfg.in_topic].partitions)
+    missing = [t for t in (cfg.out_topic, cfg.dlq_topic) if t not in md.topics]
+    if missing:
+        futs = admin.create_topics([NewTopic(t, num_partitions=n, replication_factor=-1) for t in missing])
+        for t, f in futs.items():
+            try:
+                f.result(30)
+            except Exception as e:  # already created by another worker
+                if "TOPIC_ALREADY_EXISTS" not in str(e):
+                    raise
+    return n
+
+
+def _faust_broker_credentials(cfg: StreamConfig) -> Any:
+    proto = cfg.security_protocol.upper()
+    if proto == "PLAINTEXT":
+        return None
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=cfg.ssl_cafile or None) if "SSL" in proto else None
+    if proto.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=cfg.sasl_username, password=cfg.sasl_password, mechanism=cfg.sasl_mechanism or "PLAIN",
+            ssl_context=ctx,
+        )
+    return faust.SSLCredentials(ctx)
+
+
+def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | None = None) -> faust.App:
+    if partitions is None:
+        partitions = ensure_topics(cfg)
+    bundle = bundle or load_bundle(cfg.model, providers=cfg.providers, intra_op_threads=cfg.intra_op_threads)
+    engine = Engine(bundle, EngineConfig(emit=cfg.emit, encoding=cfg.encoding, state_dtype=cfg.state_dtype))
+    metrics = Metrics()
+
+    app = faust.App(
+        cfg.group,
+        broker=[f"kafka://{b.strip()}" for b in cfg.brokers.split(",")],
+        broker_credentials=_faust_broker_credentials(cfg),
+        store="rocksdb://",
+        datadir=cfg.state_dir,
+        topic_partitions=partitions,
+        topic_replication_factor=cfg.replication_factor,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=cfg.commit_interval,
+        broker_commit_every=max(cfg.max_batch, 1000),
+        stream_buffer_maxsize=max(4 * cfg.max_batch, 4096),
+        web_enabled=True,
+        web_host=cfg.web_host,
+        web_bind=cfg.web_host,
+        web_port=cfg.web_port,
+        table_standby_replicas=0,
+        producer_linger_ms=2,
+        topic_allow_declare=True,
+    )
+    app.clickvec = {"cfg": cfg, "engine": engine, "metrics": metrics, "bundle": bundle}  # type: ignore[attr-defined]
+
+    in_topic = app.topic(cfg.in_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+                         value_serializer="raw", partitions=partitions)
+    table = app.Table(
+        TABLE_NAME, default=None, partitions=partitions, key_type=bytes, value_type=bytes,
+        key_serializer="raw", value_serializer="raw",
+        options={"block_cache_size": cfg.rocksdb_block_cache_mb << 20,
+                 "write_buffer_size": cfg.rocksdb_write_buffer_mb << 20,
+                 "max_write_buffer_number": 2},
+    )
+    store = TableStore(table)
+    sink = Sink(cfg.librdkafka(), cfg.out_topic, cfg.dlq_topic)
+    state = {"ready": False, "batches": 0, "started": time.time()}
+
+    @app.agent(in_topic, concurrency=1)
+    async def encode(stream: Any) -> None:
+        async for events in stream.take_events(cfg.max_batch, within=cfg.max_wait):
+            t0 = time.perf_counter()
+            records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition,
+                              e.message.offset, e) for e in events]
+            result = engine.process(records, store)
+            sink.send(result.outputs, result.dead)
+            await sink.deliver()
+            # Outputs are on the brokers: only now may the states say these events are applied.
+            engine.commit_states(result, store)
+            now = time.time()
+            metrics.events_in.inc(len(records))
+            metrics.events_applied.inc(result.applied)
+            metrics.vectors_out.inc(len(result.outputs))
+            metrics.replayed.inc(result.replayed)
+            metrics.state_resets.inc(result.state_resets)
+            for _, _, reason in result.dead:
+                metrics.dead.labels(reason).inc()
+            metrics.batch_size.observe(len(records))
+            metrics.infer_seconds.observe(result.infer_s)
+            metrics.batch_seconds.observe(time.perf_counter() - t0)
+            metrics.users.set(result.users)
+            for ts in result.event_ts:
+                metrics.latency.observe(max(0.0, now - ts / 1000.0))
+            state["batches"] += 1
+
+    @app.timer(interval=5.0)
+    async def report_lag() -> None:
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            if tp.topic != cfg.in_topic:
+                continue
+            try:
+                hw = consumer.highwater(tp)
+                pos = await consumer.position(tp)
+            except Exception:  # not yet fetched
+                continue
+            if hw is not None and pos is not None:
+                metrics.lag.labels(str(tp.partition)).set(max(0, hw - pos))
+
+    @app.task
+    async def on_started() -> None:
+        state["ready"] = True
+        log.info("clickvec worker ready: model %s on %s, %d partitions", bundle.model_id[:12],
+                 ",".join(bundle.providers), partitions)
+
+    @app.page("/metrics")
+    async def metrics_view(self: Any, request: Any) -> Any:
+        return self.bytes(metrics.render(), content_type="text/plain; version=0.0.4")
+
+    @app.page("/healthz")
+    async def health(self: Any, request: Any) -> Any:
+        return self.json({"status": "ok", "batches": state["batches"]})
+
+    @app.page("/readyz")
+    async def ready(self: Any, request: Any) -> Any:
+        ok = bool(state["ready"]) and not app.rebalancing
+        return self.json({"ready": ok, "model_id": bundle.model_id}, status=200 if ok else 503)
+
+    @app.page("/config")
+    async def config_view(self: Any, request: Any) -> Any:
+        return self.json(cfg.redacted())
+
+    log.info("resolved configuration: %s", json.dumps(cfg.redacted(), sort_keys=True))
+    return app

@@ -1,0 +1,36 @@
+"""`clickvec stream`: run the Faust worker.
+
+  clickvec stream --model models/NAME --brokers HOST:PORT --in clicks --out user-vectors
+
+Settings also come from CLICKVEC_* environment variables and a JSON --config file; the
+resolved configuration is logged at start-up. SIGTERM / Ctrl-C stop it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from stream import config as config_mod
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="clickvec stream", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    config_mod.add_arguments(p)
+    p.add_argument("--loglevel", default="info")
+    args = p.parse_args(argv)
+    cfg = config_mod.resolve(args)
+    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+
+    import faust
+
+    from stream.app import build_app
+
+    app = build_app(cfg)
+    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+    return 0

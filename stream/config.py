@@ -1,0 +1,106 @@
+"""The worker's configuration: flags > environment (CLICKVEC_*) > JSON file > defaults,
+resolved into one frozen object that is printed at start-up."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from clickvec.contract import DEFAULT_DLQ_TOPIC, DEFAULT_IN_TOPIC, DEFAULT_OUT_TOPIC
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    model: str = "models/default"
+    brokers: str = "127.0.0.1:9092"
+    in_topic: str = DEFAULT_IN_TOPIC
+    out_topic: str = DEFAULT_OUT_TOPIC
+    dlq_topic: str = DEFAULT_DLQ_TOPIC
+    group: str = "clickvec-stream"
+    state_dir: str = ".clickvec/state"
+    max_batch: int = 1024
+    max_wait: float = 0.02  # seconds a batch may wait to fill
+    emit: str = "every"  # every | latest
+    encoding: str = "json"  # json | f16 | i8
+    state_dtype: str = "f32"  # f32 | f16
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    providers: str = "auto"  # auto | cpu | cuda
+    intra_op_threads: int = 1
+    commit_interval: float = 1.0  # seconds between offset commits
+    replication_factor: int = 1  # of the changelog topic
+    rocksdb_block_cache_mb: int = 64
+    rocksdb_write_buffer_mb: int = 16
+    # Standard Kafka client security (applied to every client the worker makes).
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_cafile: str = ""
+
+    def redacted(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["sasl_password"]:
+            d["sasl_password"] = "***"
+        return d
+
+    def librdkafka(self) -> dict[str, Any]:
+        """Security settings for confluent-kafka clients."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.brokers, "security.protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+            conf["sasl.username"] = self.sasl_username
+            conf["sasl.password"] = self.sasl_password
+        if self.ssl_cafile:
+            conf["ssl.ca.location"] = self.ssl_cafile
+        return conf
+
+
+_FIELDS = {f.name: f for f in fields(StreamConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    typ = type(getattr(StreamConfig, name))
+    return typ(value)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="JSON file with any of the settings below")
+    for name, f in _FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        alias = {"in_topic": ["--in"], "out_topic": ["--out"], "dlq_topic": ["--dlq"]}.get(name, [])
+        p.add_argument(flag, *alias, dest=name, default=None,
+                       help=f"(env CLICKVEC_{name.upper()}; default {f.default!r})")
+
+
+def resolve(args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> StreamConfig:
+    env = dict(os.environ if env is None else env)
+    values: dict[str, Any] = {}
+    cfg_file = getattr(args, "config", None) if args is not None else None
+    cfg_file = cfg_file or env.get("CLICKVEC_CONFIG")
+    if cfg_file:
+        data = json.loads(Path(cfg_file).read_text())
+        unknown = set(data) - set(_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown settings in {cfg_file}: {sorted(unknown)}")
+        values.update(data)
+    for name in _FIELDS:
+        if f"CLICKVEC_{name.upper()}" in env:
+            values[name] = env[f"CLICKVEC_{name.upper()}"]
+    if args is not None:
+        for name in _FIELDS:
+            v = getattr(args, name, None)
+            if v is not None:
+                values[name] = v
+    cfg = StreamConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    if cfg.emit not in ("every", "latest"):
+        raise ValueError("emit must be 'every' or 'latest'")
+    if cfg.encoding not in ("json", "f16", "i8"):
+        raise ValueError("encoding must be json, f16 or i8")
+    if cfg.state_dtype not in ("f32", "f16"):
+        raise ValueError("state_dtype must be f32 or f16")
+    return cfg

@@ -1,0 +1,241 @@
+"""The batch path of the worker, free of Faust and Kafka: records in, one ONNX Runtime
+call, state values, vector messages and dead letters out.
+
+The Faust agent (stream/agents.py) feeds it `take_events` batches; tests and
+benchmarks feed it directly. State is reached through `StateStore`, so the same code
+runs on the Faust table (RocksDB + changelog) and on a dict.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from clickvec.contract import ClickEvent, DeadLetter, EventError, VectorMessage, parse_event
+from clickvec.features import gap_bucket
+from stream.state import StateError, UserState, model_id_prefix
+
+log = logging.getLogger(__name__)
+
+EMIT_POLICIES = ("every", "latest")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One consumed Kafka message."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    handle: Any = None  # the Faust event, passed back to the state store
+
+
+class StateStore(abc.ABC):
+    """Where per-user state values live. `record` is the event whose partition owns the key."""
+
+    @abc.abstractmethod
+    def get(self, user_id: str, record: Record) -> bytes | None: ...
+
+    @abc.abstractmethod
+    def put(self, user_id: str, value: bytes, record: Record) -> None: ...
+
+
+class MemoryStateStore(StateStore):
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def get(self, user_id: str, record: Record) -> bytes | None:
+        return self.data.get(user_id)
+
+    def put(self, user_id: str, value: bytes, record: Record) -> None:
+        self.data[user_id] = value
+
+
+@dataclass(slots=True)
+class BatchResult:
+    outputs: list[tuple[bytes, bytes]] = field(default_factory=list)  # (key, value) to the vector topic
+    dead: list[tuple[bytes | None, bytes, str]] = field(default_factory=list)  # (key, value, reason)
+    states: list[tuple[str, bytes, Record]] = field(default_factory=list)  # to write after outputs are delivered
+    applied: int = 0
+    replayed: int = 0
+    users: int = 0
+    state_resets: int = 0
+    infer_s: float = 0.0
+    event_ts: list[int] = field(default_factory=list)  # event time of each applied event
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    emit: str = "every"  # "every": a vector after each event; "latest": one per user per batch
+    encoding: str = "json"  # vector encoding: json | f16 | i8
+    state_dtype: str = "f32"  # f32 | f16
+    max_padding_ratio: float = 4.0  # above this padded/real cell ratio, split the call by length
+
+
+class Engine:
+    def __init__(self, bundle: Any, config: EngineConfig | None = None) -> None:
+        self.bundle = bundle
+        self.cfg = config or EngineConfig()
+        if self.cfg.emit not in EMIT_POLICIES:
+            raise ValueError(f"emit policy must be one of {EMIT_POLICIES}, got {self.cfg.emit!r}")
+        self.spec = bundle.spec
+        self.layers = int(bundle.layers)
+        self.hidden = int(bundle.hidden)
+        self.model_id = str(bundle.model_id)
+        self.prefix = model_id_prefix(self.model_id)
+
+    # ------------------------------------------------------------------ parsing
+    def _parse(self, rec: Record, result: BatchResult) -> ClickEvent | None:
+        try:
+            ev = parse_event(rec.value)
+        except EventError as e:
+            self._dead(rec, e.reason, e.detail, result)
+            return None
+        key = rec.key.decode("utf-8", "replace") if rec.key is not None else None
+        if key != ev.user_id:
+            # State lives on the partition of the key; an event keyed otherwise would be
+            # applied on the wrong partition's state.
+            self._dead(rec, "key_mismatch",
+                       f"message key {key!r} is not the event's user_id {ev.user_id!r}; "
+                       "key the source topic by user_id", result)
+            return None
+        return ev
+
+    @staticmethod
+    def _dead(rec: Record, reason: str, detail: str, result: BatchResult) -> None:
+        log.warning("dead-lettered %s[%d] offset=%d: %s: %s", rec.topic, rec.partition, rec.offset, reason, detail)
+        dl = DeadLetter(reason, detail, rec.topic, rec.partition, rec.offset, rec.key, rec.value)
+        result.dead.append((rec.key, dl.to_bytes(), reason))
+
+    # ------------------------------------------------------------------ the batch
+    def process(self, records: Sequence[Record], store: StateStore) -> BatchResult:
+        result = BatchResult()
+        per_user: dict[str, list[tuple[ClickEvent, Record]]] = {}
+        for rec in records:
+            ev = self._parse(rec, result)
+            if ev is not None:
+                per_user.setdefault(ev.user_id, []).append((ev, rec))
+        if not per_user:
+            return result
+
+        users: list[str] = []
+        states: list[UserState] = []
+        pending: list[list[tuple[ClickEvent, Record]]] = []
+        for uid, evs in per_user.items():
+            raw = store.get(uid, evs[0][1])
+            st = None
+            if raw is not None:
+                try:
+                    st = UserState.unpack(raw, self.layers, self.hidden)
+                except StateError as e:
+                    log.error("user %r: unreadable state (%s); starting from a fresh state", uid, e)
+            if st is None or st.model_prefix != self.prefix:
+                if st is not None:
+                    result.state_resets += 1
+                st = UserState.fresh(self.prefix, self.layers, self.hidden) if st is None else UserState(
+                    self.prefix, st.seq, st.partition, st.offset, -1,
+                    np.zeros((self.layers, self.hidden), np.float32),
+                    np.zeros((self.layers, self.hidden), np.float32))
+            new = [(ev, rec) for ev, rec in evs if not st.is_replay(rec.partition, rec.offset)]
+            result.replayed += len(evs) - len(new)
+            if new:
+                users.append(uid)
+                states.append(st)
+                pending.append(new)
+        if not users:
+            return result
+
+        lengths = np.array([len(p) for p in pending], dtype=np.int64)
+        for idx in self._chunks(lengths):
+            self._run(idx, users, states, pending, store, result)
+        result.users = len(users)
+        return result
+
+    def _chunks(self, lengths: np.ndarray) -> list[np.ndarray]:
+        """One call for the whole batch unless padding would dominate; then one call per
+        power-of-two length class."""
+        total = int(lengths.sum())
+        if int(lengths.max()) * len(lengths) <= self.cfg.max_padding_ratio * total:
+            return [np.arange(len(lengths))]
+        cls = np.ceil(np.log2(lengths)).astype(np.int64)
+        return [np.flatnonzero(cls == k) for k in np.unique(cls)]
+
+    def _run(
+        self,
+        idx: np.ndarray,
+        users: list[str],
+        states: list[UserState],
+        pending: list[list[tuple[ClickEvent, Record]]],
+        store: StateStore,
+        result: BatchResult,
+    ) -> None:
+        B = len(idx)
+        T = max(len(pending[i]) for i in idx)
+        items = np.zeros((T, B), dtype=np.int64)
+        etypes = np.zeros((T, B), dtype=np.int64)
+        gaps = np.zeros((T, B), dtype=np.int64)
+        lengths = np.empty(B, dtype=np.int32)
+        h = np.empty((self.layers, B, self.hidden), dtype=np.float32)
+        c = np.empty((self.layers, B, self.hidden), dtype=np.float32)
+        spec = self.spec
+        for b, i in enumerate(idx):
+            st = states[i]
+            prev = st.last_ts if st.last_ts >= 0 else None
+            for t, (ev, _) in enumerate(pending[i]):
+                items[t, b] = spec.item_index(ev.item_id)
+                etypes[t, b] = spec.type_index(ev.event_type)
+                gaps[t, b] = gap_bucket(ev.ts, prev)
+                prev = ev.ts
+            lengths[b] = len(pending[i])
+            h[:, b] = st.h
+            c[:, b] = st.c
+
+        t0 = time.perf_counter()
+        h_new, c_new, z_seq, z_last, surprise = self.bundle.step(items, etypes, gaps, lengths, h, c)
+        result.infer_s += time.perf_counter() - t0
+
+        now_ms = int(time.time() * 1000)
+        enc = self.cfg.encoding
+        every = self.cfg.emit == "every"
+        for b, i in enumerate(idx):
+            st = states[i]
+            evs = pending[i]
+            n = len(evs)
+            uid = users[i]
+            key = uid.encode()
+            if every:
+                zs = z_seq[:n, b].tolist()
+                for t, (ev, rec) in enumerate(evs):
+                    msg = VectorMessage(uid, self.model_id, st.seq + t + 1, ev.ts, now_ms, zs[t],
+                                        float(surprise[t, b]), f"{rec.topic}[{rec.partition}]@{rec.offset}")
+                    result.outputs.append((key, msg.to_bytes(enc)))
+            else:
+                ev, rec = evs[-1]
+                msg = VectorMessage(uid, self.model_id, st.seq + n, ev.ts, now_ms, z_last[b].tolist(),
+                                    float(surprise[n - 1, b]), f"{rec.topic}[{rec.partition}]@{rec.offset}")
+                result.outputs.append((key, msg.to_bytes(enc)))
+            last_ev, last_rec = evs[-1]
+            new_state = UserState(self.prefix, st.seq + n, last_rec.partition, last_rec.offset,
+                                  last_ev.ts, h_new[:, b], c_new[:, b])
+            result.states.append((uid, new_state.pack(self.cfg.state_dtype), last_rec))
+            result.applied += n
+            result.event_ts.extend(ev.ts for ev, _ in evs)
+
+    def commit_states(self, result: BatchResult, store: StateStore) -> None:
+        """Write the batch's states. Call only after its outputs were delivered: a state
+        that is stored implies its vectors reached the topic."""
+        for uid, value, rec in result.states:
+            store.put(uid, value, rec)
+
+
+def records_from(items: Iterable[tuple[bytes | None, bytes | None, int, int]], topic: str = "clicks") -> list[Record]:
+    """Helper for tests and benchmarks: (key, value, partition, offset) tuples -> Records."""
+    return [Record(k, v, topic, p, o) for k, v, p, o in items]
