@@ -63,7 +63,7 @@ def ensure_topics(cfg: StreamConfig) -> int:
     missing = [t for t in (cfg.out_topic, cfg.dlq_topic) if t not in md.topics]
     if missing:
         futs = admin.create_topics([NewTopic(t, num_partitions=n, replication_factor=-1) for t in missing])
-        for t, f in futs.items():
+        for f in futs.values():
             try:
                 f.result(30)
             except Exception as e:  # already created by another worker
