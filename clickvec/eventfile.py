@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -34,7 +33,13 @@ EVENT_SCHEMA = pa.schema(
         ("session_id", pa.string()),
     ]
 )
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+}
 _BATCH_ROWS = 64 * 1024
 
 
@@ -49,7 +54,9 @@ class EventFileError(ClickvecError):
 def file_format(path: str | Path) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
-        raise EventFileError(f"{path}: unknown event file suffix {suffix!r}; use one of {sorted(FORMATS)}")
+        raise EventFileError(
+            f"{path}: unknown event file suffix {suffix!r}; use one of {sorted(FORMATS)}"
+        )
     return FORMATS[suffix]
 
 
@@ -115,14 +122,22 @@ def normalize_table(table: pa.Table, source: str = "table") -> pa.Table:
         col = table.column(f.name)
         if f.name in REQUIRED_FIELDS and col.null_count:
             if col.null_count == n:
-                raise EventFileError(f"{source}: missing required column {f.name!r} (all values null)")
+                raise EventFileError(
+                    f"{source}: missing required column {f.name!r} (all values null)"
+                )
             row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
             raise EventFileError(f"{source}: required column {f.name!r} is null at row {row}")
         if col.type != f.type:
             try:
-                col = col.cast(f.type) if f.name != "ts" or not pa.types.is_floating(col.type) else _float_ts(col, source)
+                col = (
+                    col.cast(f.type)
+                    if f.name != "ts" or not pa.types.is_floating(col.type)
+                    else _float_ts(col, source)
+                )
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                raise EventFileError(f"{source}: column {f.name!r} of type {col.type} is not {f.type}: {e}") from None
+                raise EventFileError(
+                    f"{source}: column {f.name!r} of type {col.type} is not {f.type}: {e}"
+                ) from None
         cols[f.name] = col
     for name in names:
         if name not in cols:
@@ -206,7 +221,9 @@ def iter_events(path: str | Path) -> Iterator[ClickEvent]:
                     raise EventFileError(f"{path}:{lineno}: bad event: {e}") from None
         return
     if fmt == "parquet":
-        batches: Iterable[pa.RecordBatch] = pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS)
+        batches: Iterable[pa.RecordBatch] = pq.ParquetFile(path).iter_batches(
+            batch_size=_BATCH_ROWS
+        )
     else:
         batches = pacsv.open_csv(path, convert_options=_csv_convert(path))
     start = 0
@@ -256,8 +273,12 @@ def write_sequence_file(
                 uid = str(umap.setdefault(user, len(umap) + 1))
                 f.writelines(f"{uid} {imap.setdefault(it, len(imap) + 1)}\n" for it in items)
             else:
-                if any(ch.isspace() for ch in user) or any(any(ch.isspace() for ch in it) for it in items):
-                    raise EventFileError(f"user {user!r} or one of its items has whitespace; use remap=True")
+                if any(ch.isspace() for ch in user) or any(
+                    any(ch.isspace() for ch in it) for it in items
+                ):
+                    raise EventFileError(
+                        f"user {user!r} or one of its items has whitespace; use remap=True"
+                    )
                 f.writelines(f"{user} {it}\n" for it in items)
     return (umap, imap) if remap else None
 
@@ -284,5 +305,12 @@ def table_from_sequences(seqs: dict[str, list[str]], start_ms: int = 1_767_225_6
         items += its
         ts += range(start_ms, start_ms + 1000 * len(its), 1000)
     return normalize_table(
-        pa.table({"user_id": users, "item_id": items, "event_type": ["view"] * len(items), "ts": pa.array(ts, pa.int64())})
+        pa.table(
+            {
+                "user_id": users,
+                "item_id": items,
+                "event_type": ["view"] * len(items),
+                "ts": pa.array(ts, pa.int64()),
+            }
+        )
     )

@@ -38,16 +38,16 @@ log = logging.getLogger(__name__)
 LABELS: tuple[str, ...] = ("normal", "account_takeover", "card_testing")
 
 # Walk probabilities (per visit after the first of a session).
-P_NEXT_ITEM = 0.20  # follow one of the last item's "next" items (Markov signal)
-P_STAY_CATEGORY = 0.20  # stay in the session's category
-# otherwise: a fresh category from the user's own mixture (long-term signal)
+P_NEXT_ITEM = 0.15  # follow one of the last item's "next" items (Markov signal)
+P_SWITCH = 0.65  # switch to another category of the user's own mixture (long-term signal)
+# otherwise: another popular item of the current category
 P_NEW_SESSION = 0.15  # mean session length ~ 6.7 visits
 P_DRIFT = 0.04  # per session: swap one interest category for another
 N_NEXT = 3  # "next" items per item
 P_NEXT_SAME_CATEGORY = 0.8
-ZIPF_S = 1.0
+ZIPF_S = 0.7
 # Funnel continuation: view -> click -> cart -> purchase -> payment.
-P_FUNNEL = (0.15, 0.35, 0.55, 0.95)
+P_FUNNEL = (0.12, 0.35, 0.55, 0.95)
 SPAN_DAYS = 30.0  # users' first events spread over this many days
 
 
@@ -92,7 +92,9 @@ def _cat_ids(n: int) -> list[str]:
 def _catalog(cfg: SynthConfig, rng: np.random.Generator) -> _Catalog:
     n_i, n_c = cfg.n_items, cfg.n_categories
     if n_c < 4 or n_i < 2 * n_c:
-        raise ValueError(f"need n_categories >= 4 and n_items >= 2 * n_categories (got {n_i}, {n_c})")
+        raise ValueError(
+            f"need n_categories >= 4 and n_items >= 2 * n_categories (got {n_i}, {n_c})"
+        )
     # Every category gets at least 2 items; the rest are spread at random.
     item_cat = np.concatenate([np.repeat(np.arange(n_c), 2), rng.integers(0, n_c, n_i - 2 * n_c)])
     item_cat = rng.permutation(item_cat)
@@ -165,19 +167,25 @@ def _walk(cfg: SynthConfig, cat: _Catalog, rng: np.random.Generator, n_visits: n
         if drift.size:
             slot = rng.integers(0, 3, drift.size)
             cats3[drift, slot] = rng.integers(0, n_c, drift.size)
-        # Category from the user's own mixture (inverse CDF over the 3 slots).
-        cw = np.cumsum(w[act], axis=1)
-        slot = (rng.random(n_act)[:, None] > cw).sum(1).clip(0, 2)
+        # A switch goes to another category of the user's own mixture (inverse CDF over
+        # the slots, the current category excluded): predictable from the user's
+        # history, not from the last item. A session starts anywhere in the mixture.
+        wa = w[act].copy()
+        wa[
+            ~new[:, None] & (cats3[act] == sess_cat[act][:, None]) & (wa.sum(1, keepdims=True) > wa)
+        ] = 0.0
+        cw = np.cumsum(wa, axis=1)
+        slot = (rng.random(n_act)[:, None] * cw[:, -1:] > cw).sum(1).clip(0, 2)
         mix_cat = cats3[act, slot]
         r = rng.random(n_act)
         follow = ~new & (r < P_NEXT_ITEM)
-        stay = ~new & ~follow & (r < P_NEXT_ITEM + P_STAY_CATEGORY)
-        c = np.where(stay, sess_cat[act], mix_cat)
+        switch = ~new & ~follow & (r < P_NEXT_ITEM + P_SWITCH)
+        c = np.where(new | switch, mix_cat, sess_cat[act])
         item = _sample_items(cat, c, rng)
         if follow.any():
             f_items = cur_item[act[follow]]
             item[follow] = cat.next_items[f_items, rng.integers(0, N_NEXT, int(follow.sum()))]
-        sess_cat[act[new]] = mix_cat[new]
+        sess_cat[act] = np.where(follow, cat.item_cat[item], c)
         sess_no[act[new]] += 1
         cur_item[act] = item
         out_u.append(act)
@@ -194,11 +202,17 @@ def _walk(cfg: SynthConfig, cat: _Catalog, rng: np.random.Generator, n_visits: n
     )
 
 
-def _lognormal_gaps_ms(rng: np.random.Generator, n: int, median_s: float, sigma: float) -> np.ndarray:
-    return np.maximum(1, (median_s * 1000.0 * np.exp(sigma * rng.standard_normal(n)))).astype(np.int64)
+def _lognormal_gaps_ms(
+    rng: np.random.Generator, n: int, median_s: float, sigma: float
+) -> np.ndarray:
+    return np.maximum(1, (median_s * 1000.0 * np.exp(sigma * rng.standard_normal(n)))).astype(
+        np.int64
+    )
 
 
-def _normal_events(cfg: SynthConfig, cat: _Catalog, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _normal_events(
+    cfg: SynthConfig, cat: _Catalog, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     n_u = cfg.n_users
     events_per_visit = 1.0 + np.cumprod(P_FUNNEL).sum()
     mean_visits = max(3.0, cfg.mean_events / events_per_visit)
@@ -221,7 +235,9 @@ def _normal_events(cfg: SynthConfig, cat: _Catalog, rng: np.random.Generator) ->
     ne = ev_u.size
     # Gaps before each event: funnel step (seconds), next visit (tens of seconds),
     # next session (hours to days); each user's first event starts somewhere in the span.
-    gap = np.where(stage > 0, _lognormal_gaps_ms(rng, ne, 6.0, 0.7), _lognormal_gaps_ms(rng, ne, 25.0, 0.9))
+    gap = np.where(
+        stage > 0, _lognormal_gaps_ms(rng, ne, 6.0, 0.7), _lognormal_gaps_ms(rng, ne, 25.0, 0.9)
+    )
     sess_start = (stage == 0) & new[ev_visit]
     gap[sess_start] = _lognormal_gaps_ms(rng, int(sess_start.sum()), 14 * 3600.0, 1.2)
     first = np.r_[True, ev_u[1:] != ev_u[:-1]]
@@ -243,7 +259,9 @@ def _normal_events(cfg: SynthConfig, cat: _Catalog, rng: np.random.Generator) ->
     }
 
 
-def _anomalies(cfg: SynthConfig, cat: _Catalog, rng: np.random.Generator, ev: dict[str, np.ndarray]):
+def _anomalies(
+    cfg: SynthConfig, cat: _Catalog, rng: np.random.Generator, ev: dict[str, np.ndarray]
+):
     """Append labelled bursts after the chosen users' normal history."""
     n_anom = int(round(cfg.anomaly_fraction * cfg.n_users))
     if n_anom <= 0:
@@ -268,9 +286,9 @@ def _anomalies(cfg: SynthConfig, cat: _Catalog, rng: np.random.Generator, ev: di
             n_browse = int(rng.integers(12, 30))
             cats = rng.choice(fresh, size=min(3, fresh.size), replace=False)
             items = cat.item_order[
-                rng.integers(cat.cat_offset[cats], cat.cat_offset[cats + 1], size=(n_browse, cats.size))[
-                    np.arange(n_browse), rng.integers(0, cats.size, n_browse)
-                ]
+                rng.integers(
+                    cat.cat_offset[cats], cat.cat_offset[cats + 1], size=(n_browse, cats.size)
+                )[np.arange(n_browse), rng.integers(0, cats.size, n_browse)]
             ]
             et = rng.choice([0, 0, 1, 2], size=n_browse)
             n_buy = int(rng.integers(2, 6))
@@ -313,12 +331,14 @@ def generate_table(cfg: SynthConfig) -> pa.Table:
     ev = {k: v[order] for k, v in ev.items()}
 
     def strings(codes: np.ndarray, names: list[str]) -> pa.Array:
-        return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array(names, pa.string())).cast(
-            pa.string()
-        )
+        return pa.DictionaryArray.from_arrays(
+            pa.array(codes, pa.int32()), pa.array(names, pa.string())
+        ).cast(pa.string())
 
     user_id = strings(ev["u"], _user_ids(cfg.n_users))
-    session_id = pc.binary_join_element_wise(user_id, pc.cast(pa.array(ev["sess"]), pa.string()), "-s")
+    session_id = pc.binary_join_element_wise(
+        user_id, pc.cast(pa.array(ev["sess"]), pa.string()), "-s"
+    )
     amount = pa.array(ev["amount"], pa.float64(), mask=np.isnan(ev["amount"]))
     return pa.table(
         {
@@ -337,7 +357,10 @@ def generate_table(cfg: SynthConfig) -> pa.Table:
 def generate_events(cfg: SynthConfig) -> list[ClickEvent]:
     """`generate_table` as contract events, same order (the label is not part of an event)."""
     t = generate_table(cfg)
-    cols = [t.column(n).to_pylist() for n in ("user_id", "item_id", "event_type", "ts", "category", "amount", "session_id")]
+    cols = [
+        t.column(n).to_pylist()
+        for n in ("user_id", "item_id", "event_type", "ts", "category", "amount", "session_id")
+    ]
     return [ClickEvent(*row) for row in zip(*cols, strict=True)]
 
 
@@ -360,7 +383,9 @@ def summary(table: pa.Table) -> dict[str, object]:
         "events": table.num_rows,
         "anomalous_users": len(anomalies(table)),
         "events_by_label": {d["values"]: d["counts"] for d in labels},
-        "events_by_type": {d["values"]: d["counts"] for d in table.column("event_type").value_counts().to_pylist()},
+        "events_by_type": {
+            d["values"]: d["counts"] for d in table.column("event_type").value_counts().to_pylist()
+        },
     }
 
 
@@ -372,7 +397,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=SynthConfig.seed)
     ap.add_argument("--anomaly-fraction", type=float, default=SynthConfig.anomaly_fraction)
     ap.add_argument("--mean-events", type=float, default=SynthConfig.mean_events)
-    ap.add_argument("--out", type=Path, default=Path("data/events.parquet"), help=".parquet, .jsonl or .csv")
+    ap.add_argument(
+        "--out", type=Path, default=Path("data/events.parquet"), help=".parquet, .jsonl or .csv"
+    )
     ap.add_argument("--jsonl", type=Path, default=None, help="also write this JSONL file")
     args = ap.parse_args(argv)
     from clickvec.eventfile import write_events
@@ -391,7 +418,9 @@ def main(argv: list[str]) -> int:
     if args.jsonl is not None:
         write_events(table, args.jsonl)
     s = summary(table)
-    print(f"users={s['users']} events={s['events']} anomalous_users={s['anomalous_users']} -> {args.out}")
+    print(
+        f"users={s['users']} events={s['events']} anomalous_users={s['anomalous_users']} -> {args.out}"
+    )
     print(f"events by type: {s['events_by_type']}")
     print(f"events by label: {s['events_by_label']}")
     return 0

@@ -42,12 +42,17 @@ def test_events_round_trip(tmp_path, suffix):
 
 
 def test_numeric_looking_ids_stay_strings(tmp_path):
-    events = [ClickEvent("007", "42", "view", 1_767_225_600_000), ClickEvent("7", "0042", "cart", 1_767_225_600_001, "3", 1.5, "9")]
+    events = [
+        ClickEvent("007", "42", "view", 1_767_225_600_000),
+        ClickEvent("7", "0042", "cart", 1_767_225_600_001, "3", 1.5, "9"),
+    ]
     for suffix in (".csv", ".jsonl", ".parquet"):
         path = write_events(events, tmp_path / f"n{suffix}")
         assert list(iter_events(path)) == events
         t = read_table(path)
-        assert t.column("user_id").to_pylist() == ["007", "7"] and t.column("session_id").to_pylist() == [None, "9"]
+        assert t.column("user_id").to_pylist() == ["007", "7"] and t.column(
+            "session_id"
+        ).to_pylist() == [None, "9"]
 
 
 def test_missing_column_named(tmp_path):
