@@ -1,0 +1,72 @@
+"""Shared fixtures: one real Apache Kafka broker per test session (deploy/kafka).
+
+A test that needs the broker fails, with the broker's log tail, when it cannot start;
+it never skips. Set CLICKVEC_BOOTSTRAP=HOST:PORT to run against an external broker.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/kafka_util.py importable by name
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("CLICKVEC_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    from clickvec import broker
+
+    data_dir = tmp_path_factory.mktemp("kafka")
+    try:
+        b = broker.start(data_dir)
+    except Exception as e:  # BrokerError carries the log tail; anything else is as fatal
+        pytest.fail(f"the Kafka broker (deploy/kafka) could not start:\n{e}", pytrace=False)
+    try:
+        yield b.bootstrap
+    finally:
+        b.stop()
+
+
+@pytest.fixture
+def new_topic(kafka_bootstrap: str) -> Callable[..., str]:
+    """Factory: `new_topic(partitions=4, name_prefix="t")` creates a uuid-named topic
+    and returns its name once the broker reports all its partitions."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+
+    def make(partitions: int = 4, name_prefix: str = "t") -> str:
+        name = f"{name_prefix}-{uuid.uuid4().hex}"
+        admin.create_topics([NewTopic(name, num_partitions=partitions)], operation_timeout=30)[
+            name
+        ].result(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            t = admin.list_topics(topic=name, timeout=5).topics.get(name)
+            if (
+                t is not None
+                and t.error is None
+                and len(t.partitions) == partitions
+                and all(p.leader >= 0 for p in t.partitions.values())
+            ):
+                return name
+            time.sleep(0.05)
+        pytest.fail(f"topic {name} did not appear with {partitions} partitions within 30 s")
+
+    return make
+
+
+@pytest.fixture
+def new_group() -> Callable[[], str]:
+    """Factory: `new_group()` returns a fresh uuid consumer-group id."""
+    return lambda: f"g-{uuid.uuid4().hex}"
