@@ -1,0 +1,77 @@
+"""`clickvec export runs/NAME --out models/NAME [--fp16] [--int8]`: a verified model bundle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from clickvec.contract import ClickvecError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    run: str
+    out: str
+    fp16: bool
+    int8: bool
+    sequences: str | None
+    min_cosine: float
+    seed: int
+    force: bool
+
+
+def parse_args(argv: list[str]) -> ExportConfig:
+    from export.bundle import MIN_COSINE
+
+    p = argparse.ArgumentParser(prog="clickvec export", description=__doc__)
+    p.add_argument("run", help="training run directory (best.pt, else last.pt) or a .pt checkpoint")
+    p.add_argument("--out", required=True, help="bundle directory to write (e.g. models/NAME)")
+    p.add_argument("--fp16", action="store_true", help="also write encoder.fp16.onnx (float16 weights)")
+    p.add_argument("--int8", action="store_true", help="also write encoder.int8.onnx (dynamic int8)")
+    p.add_argument("--sequences", help=".npz of encoded user sequences (n, 3) for parity and HR@10 checks")
+    p.add_argument("--min-cosine", type=float, default=MIN_COSINE,
+                   help=f"refuse a fp16/int8 encoder whose vectors fall below this cosine to float32 (default {MIN_COSINE})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random parity sequences")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    a = p.parse_args(argv)
+    return ExportConfig(a.run, a.out, a.fp16, a.int8, a.sequences, a.min_cosine, a.seed, a.force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("export config: %s", json.dumps(asdict(cfg)))
+    from export.bundle import export_bundle, load_sequences
+
+    try:
+        seqs = load_sequences(cfg.sequences) if cfg.sequences else None
+        manifest = export_bundle(
+            cfg.run, cfg.out, fp16=cfg.fp16, int8=cfg.int8, sequences=seqs,
+            min_cosine=cfg.min_cosine, seed=cfg.seed, force=cfg.force,
+        )
+    except (ClickvecError, FileNotFoundError) as e:
+        print(f"clickvec export: {e}", file=sys.stderr)
+        return 1
+    summary = {
+        "bundle": str(Path(cfg.out)),
+        "model_id": manifest["model_id"],
+        "variants": {k: v.get("cosine_to_fp32", {}).get("min", 1.0) for k, v in manifest["variants"].items()},
+        "parity_max_abs_diff": manifest["parity"]["max_abs_diff_overall"],
+    }
+    print(json.dumps(summary, indent=1))
+    if manifest["refused_variants"]:
+        for v, why in manifest["refused_variants"].items():
+            print(f"clickvec export: {v} encoder refused and not written: {why}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
