@@ -120,7 +120,6 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
                          value_serializer="raw", partitions=partitions)
     table = app.Table(
         TABLE_NAME, default=None, partitions=partitions, key_type=bytes, value_type=bytes,
-        key_serializer="raw", value_serializer="raw",
         options={"block_cache_size": cfg.rocksdb_block_cache_mb << 20,
                  "write_buffer_size": cfg.rocksdb_write_buffer_mb << 20,
                  "max_write_buffer_number": 2},

@@ -70,3 +70,29 @@ def new_topic(kafka_bootstrap: str) -> Callable[..., str]:
 def new_group() -> Callable[[], str]:
     """Factory: `new_group()` returns a fresh uuid consumer-group id."""
     return lambda: f"g-{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
+def stream_bundle_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small exported model bundle (random weights over the synthetic catalogue) for
+    stream tests: the stream's correctness property does not depend on training."""
+    import torch
+
+    from clickvec.features import FeatureSpec
+    from clickvec.synth import SynthConfig, generate_table
+    from export.bundle import export_bundle
+    from training.checkpoint import save_checkpoint
+    from training.model import Encoder, ModelConfig
+
+    d = tmp_path_factory.mktemp("bundle")
+    torch.manual_seed(0)
+    items = generate_table(SynthConfig(n_users=300, seed=0)).column("item_id").to_pylist()
+    spec = FeatureSpec.from_items(items)
+    model = Encoder(ModelConfig(spec.n_items, spec.n_event_types, spec.n_gap_buckets,
+                                item_dim=16, type_dim=4, gap_dim=4, hidden=32, z_dim=8))
+    with torch.no_grad():  # livelier than the default init, so vectors move visibly
+        model.item_emb.weight.mul_(10.0)
+    model.eval()
+    save_checkpoint(d / "run" / "best.pt", model, spec, {"purpose": "stream tests"})
+    export_bundle(d / "run", d / "bundle")
+    return d / "bundle"
