@@ -109,7 +109,17 @@ def _id_field(obj: dict[str, Any], name: str, required: bool) -> str | None:
         raise EventError("empty_id", f"field {name!r} is empty")
     if len(s) > MAX_ID_CHARS:
         raise EventError("oversized_id", f"field {name!r} has {len(s)} characters > {MAX_ID_CHARS}")
+    _check_encodable(name, s)
     return s
+
+
+def _check_encodable(name: str, s: str) -> None:
+    # A JSON escape like "\ud800" decodes to a lone surrogate, which cannot be encoded
+    # back to UTF-8: such an id would crash every consumer that uses it as a Kafka key.
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EventError("bad_encoding", f"field {name!r} holds a lone surrogate (\\uD800-\\uDFFF escape)") from None
 
 
 def _reject_constant(token: str) -> float:
@@ -149,6 +159,7 @@ def parse_event(data: bytes | bytearray | memoryview | None) -> ClickEvent:
         raise EventError("empty_id", "field 'event_type' is empty")
     if len(et) > MAX_ID_CHARS:
         raise EventError("oversized_id", "field 'event_type' is too long")
+    _check_encodable("event_type", et)
 
     if "ts" not in obj or obj["ts"] is None:
         raise EventError("missing_field", "field 'ts' is required")
