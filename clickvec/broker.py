@@ -374,7 +374,11 @@ def start(
     """Start a single-node KRaft broker whose files live in `data_dir`; return once a
     client can list topics. `port=0` picks free ports. A dir formatted by an earlier
     start is reused (its data kept) when its ports are still free and match `port`;
-    otherwise it is reformatted from scratch."""
+    otherwise it is reformatted from scratch.
+
+    `die_with_parent` (Linux) SIGTERMs the broker when the *thread* that called `start`
+    exits, so a killed test run leaves no JVM behind; call it from a long-lived thread,
+    or pass False (the CLI does) for a broker that outlives its starter."""
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     libs = fetch_jars()
