@@ -235,7 +235,7 @@ class StepSession:
     def run(
         self, items: Array, etypes: Array, gaps: Array, lengths: Array, h: Array, c: Array
     ) -> StepResult:
-        feeds = {
+        feeds: dict[str, Array] = {
             IN_ITEM: np.ascontiguousarray(items, dtype=np.int64),
             IN_ETYPE: np.ascontiguousarray(etypes, dtype=np.int64),
             IN_GAP: np.ascontiguousarray(gaps, dtype=np.int64),

@@ -239,7 +239,7 @@ def write_bundle(
                      fig["cosine_to_fp32"]["mean"])
             variants[v] = fig
 
-        files = {
+        files: dict[str, dict[str, Any]] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
             for p in sorted(tmp.iterdir()) if p.is_file()
         }

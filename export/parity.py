@@ -222,7 +222,7 @@ def _stream_vs_offline(
     ref = [offline(sess, s) for s in seqs]
     for mode, max_chunk, max_batch in (("event_by_event", 1, 8), ("ragged_chunks", 7, len(seqs))):
         got, z_last_diff = streamed(sess, seqs, rng, max_chunk, max_batch)
-        col.compare(f"{group}.z_last", mode, np.float64(z_last_diff), np.float64(0.0))
+        col.compare(f"{group}.z_last", mode, np.array(z_last_diff), np.array(0.0))
         for u, (g, r) in enumerate(zip(got, ref, strict=True)):
             case = f"{mode},user={u},n={len(seqs[u])}"
             col.compare(f"{group}.z", case, g.z, r.z)

@@ -69,9 +69,9 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory, run_dir: Path, sequence
 # ------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_graph_equals_torch_and_streaming_equals_offline(spec, sequences, layers):
-    model = _model(spec, layers=layers)
+@pytest.mark.parametrize("layers,vae", [(1, False), (2, False), (1, True)])
+def test_graph_equals_torch_and_streaming_equals_offline(spec, sequences, layers, vae):
+    model = _model(spec, layers=layers, vae=vae)
     report = check_parity(model, build_step_graph(model).SerializeToString(), sequences=sequences[:16])
     assert report["passed"] and report["max_abs_diff_overall"] <= 1e-5
     for group in ("torch_equal", "torch_ragged", "torch_real", "stream_random", "stream_real"):
