@@ -52,10 +52,10 @@ def _final_states(bootstrap: str, group: str, bundle, events) -> dict[str, int]:
     reader = TopicReader(bootstrap, f"{group}-user-state-changelog")
     users = {e.user_id for e in events}
     seen: dict[str, bytes] = {}
-    for _ in range(40):
-        reader.poll(0.5)
+    for _ in range(60):
+        got = reader.poll(1.0)
         seen = {k.decode(): v for k, v in reader.messages if k is not None}
-        if users <= set(seen):
+        if users <= set(seen) and got == 0:  # everyone seen and the topic read to its end
             break
     reader.close()
     assert users <= set(seen), f"{len(users - set(seen))} users have no state in the changelog"
