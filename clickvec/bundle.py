@@ -180,6 +180,13 @@ def _session_options(cfg: RuntimeConfig, quiet: bool = False) -> ort.SessionOpti
 _cuda_failure: str | None = None  # why CUDA did not start in this process; not retried under "auto"
 
 
+def _nvidia_device_present() -> bool:
+    """Cheap check before asking ORT for CUDA, which logs a loud error when it cannot."""
+    import os
+
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
 def _make_session(model: bytes, cfg: RuntimeConfig) -> ort.InferenceSession:
     global _cuda_failure
     want = cfg.providers
@@ -188,6 +195,9 @@ def _make_session(model: bytes, cfg: RuntimeConfig) -> ort.InferenceSession:
         want = want.lower()
         if want not in ("auto", "cpu", "cuda"):
             raise ValueError(f"providers must be auto, cpu, cuda or a list, not {want!r}")
+        if want == "auto" and _cuda_failure is None and not _nvidia_device_present():
+            _cuda_failure = "no NVIDIA device is visible (/dev/nvidiactl)"
+            log.info("CUDAExecutionProvider not tried: %s; using CPU", _cuda_failure)
         try_cuda = want == "cuda" or (
             want == "auto" and "CUDAExecutionProvider" in available and _cuda_failure is None
         )

@@ -169,6 +169,11 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
             if hw is not None and pos is not None:
                 metrics.lag.labels(str(tp.partition)).set(max(0, hw - pos))
 
+    @app.timer(interval=30.0)
+    async def count_users() -> None:
+        if not app.rebalancing:
+            metrics.users_in_state.set(len(table.data))
+
     @app.task
     async def on_started() -> None:
         state["ready"] = True

@@ -22,6 +22,8 @@ def main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     config_mod.add_arguments(p)
     p.add_argument("--loglevel", default="info")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one JSON object per line (structured logs)")
     args = p.parse_args(argv)
     cfg = config_mod.resolve(args)
     Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
@@ -31,6 +33,11 @@ def main(argv: list[str]) -> int:
     from stream.app import build_app
 
     app = build_app(cfg)
-    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True, redirect_stdouts=False)
+    extra = {}
+    if args.log_format == "json":
+        from stream.logjson import logging_config
+
+        extra["logging_config"] = logging_config(args.loglevel)
+    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True, redirect_stdouts=False, **extra)
     worker.execute_from_commandline()
     return 0

@@ -28,6 +28,8 @@ class Metrics:
                                  "event time to vector delivered", buckets=_LAT_BUCKETS, registry=r)
         self.lag = Gauge("clickvec_consumer_lag", "messages behind the high watermark", ["partition"], registry=r)
         self.users = Gauge("clickvec_users_in_batch", "distinct users in the last batch", registry=r)
+        self.users_in_state = Gauge("clickvec_users_in_state",
+                                    "users whose state this worker holds (its active partitions)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
