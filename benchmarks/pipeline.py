@@ -1,0 +1,312 @@
+"""End-to-end pipeline benchmark on a real local Kafka 4.1.1 broker.
+
+Contenders, each fed the same event load on a fresh topic and read back by an
+independent consumer:
+  (a) clickvec   the `clickvec stream` worker (micro-batches, one ORT call per batch,
+                 RocksDB state table, confluent-kafka sink)
+  (b) ceiling    a confluent-kafka consume/produce loop, one small message per event,
+                 no model, no state (benchmarks/ceiling.py)
+  (c) naive      a Faust agent, one ORT call + one table write per event
+                 (benchmarks/naive_agent.py --mode naive)
+  (d) recompute  a Faust agent re-encoding each user's whole in-memory history on every
+                 event (benchmarks/recompute.py)
+
+Throughput: backlog mode (the whole load is on the topic before the worker starts);
+sustained events/s = outputs after the first poll / time from first to last output
+at the reader. Latency: paced mode at half of (a)'s backlog rate; per event, its send
+time at the producer to its output's arrival at the reader. CPU seconds (between
+first and last output) and peak RSS of the worker process come from /proc. The
+broker, the worker, the producer and the reader all share this machine's cores.
+
+    .venv/bin/python -m benchmarks.pipeline [--events N] [--users U] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python benchmarks/pipeline.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from benchmarks import common
+from benchmarks.common import Child, Reader, Sender, create_topic, make_events, percentiles
+
+log = logging.getLogger("pipeline")
+CONTENDERS = ("clickvec", "ceiling", "naive", "recompute")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def command(name: str, bundle: Path, bootstrap: str, in_topic: str, out_topic: str, state_dir: Path,
+            max_batch: int, max_wait: float, extra: list[str] | None = None) -> list[str]:
+    group = f"bench-{name}-{uuid.uuid4().hex[:8]}"
+    py = common.python()
+    if name == "clickvec":
+        return [py, "-m", "clickvec.cli", "stream", "--model", str(bundle), "--brokers", bootstrap,
+                "--in", in_topic, "--out", out_topic, "--dlq", f"{in_topic}-dlq", "--group", group,
+                "--state-dir", str(state_dir), "--web-port", str(free_port()),
+                "--max-batch", str(max_batch), "--max-wait", str(max_wait), "--loglevel", "warning",
+                *(extra or [])]
+    if name == "ceiling":
+        return [py, "-m", "benchmarks.ceiling", "--brokers", bootstrap, "--in", in_topic, "--out", out_topic,
+                "--group", group, "--max-batch", str(max_batch), "--max-wait", str(max_wait)]
+    mode = "naive" if name == "naive" else "recompute"
+    return [py, "-m", "benchmarks.naive_agent", "--mode", mode, "--model", str(bundle), "--brokers", bootstrap,
+            "--in", in_topic, "--out", out_topic, "--group", group, "--state-dir", str(state_dir),
+            "--web-port", str(free_port())]
+
+
+def _topics(bootstrap: str, partitions: int) -> tuple[str, str]:
+    return create_topic(bootstrap, "bench-in", partitions), create_topic(bootstrap, "bench-out", partitions)
+
+
+def backlog_run(name: str, events: list[tuple[bytes, bytes]], ctx: dict[str, Any], cap_s: float,
+                max_batch: int = 1024, max_wait: float = 0.02, extra: list[str] | None = None) -> dict[str, Any]:
+    """The whole load on the topic first, then the worker: sustained events/s."""
+    bootstrap, work = ctx["bootstrap"], ctx["work"]
+    in_topic, out_topic = _topics(bootstrap, ctx["partitions"])
+    Sender(bootstrap, in_topic, linger_ms=5).send(events)
+    reader = Reader(bootstrap, out_topic)
+    child = Child(command(name, ctx["bundle"], bootstrap, in_topic, out_topic, work / f"state-{uuid.uuid4().hex[:6]}",
+                          max_batch, max_wait, extra), work / f"{name}-backlog.log").start()
+    n_total = len(events)
+    t_start = time.time()
+    t_first = cpu_first = None
+    n_first = 0
+    t_last_progress = time.time()
+    try:
+        while True:
+            got = reader.poll(0.05)
+            now = time.time()
+            if got:
+                t_last_progress = now
+                if t_first is None:
+                    t_first, cpu_first, n_first = now, child.cpu_s(), got
+            n = len(reader.values)
+            if n >= n_total:
+                break
+            if t_first is not None and now - t_first > cap_s:
+                break
+            if t_first is None and now - t_start > 120:
+                raise RuntimeError(f"{name}: no output within 120 s\n{child.log_tail()}")
+            if t_first is not None and now - t_last_progress > 30:
+                raise RuntimeError(f"{name}: no progress for 30 s at {n} outputs\n{child.log_tail()}")
+            if not child.alive():
+                raise RuntimeError(f"{name}: worker exited\n{child.log_tail()}")
+        cpu_last = child.cpu_s()
+        rss = child.peak_rss_mb()
+    finally:
+        child.stop()
+        reader.close()
+    t_last = reader.arrived[-1]
+    n_out = len(reader.values)
+    span = t_last - t_first
+    rate = (n_out - n_first) / span if span > 0 else float("nan")
+    cpu = cpu_last - cpu_first
+    r = {"events": n_total, "outputs": n_out, "complete": n_out >= n_total, "span_s": span,
+         "events_per_s": rate, "worker_cpu_s": cpu, "worker_cpu_ms_per_event": 1e3 * cpu / max(1, n_out - n_first),
+         "worker_peak_rss_mb": rss, "startup_to_first_output_s": t_first - t_start,
+         "max_batch": max_batch, "max_wait": max_wait}
+    log.info("%-9s backlog: %8.0f ev/s  (%d/%d outputs in %.1f s, cpu %.2f ms/ev, rss %.0f MB)", name, rate,
+             n_out, n_total, span, r["worker_cpu_ms_per_event"], rss)
+    return r
+
+
+def paced_run(name: str, events: list[tuple[bytes, bytes]], warmup: list[tuple[bytes, bytes]], rate: float,
+              duration: float, ctx: dict[str, Any], drain_s: float = 15.0, max_batch: int = 1024,
+              max_wait: float = 0.02, extra: list[str] | None = None) -> dict[str, Any]:
+    """The worker running and warmed up first, then events at `rate`/s for `duration` s."""
+    bootstrap, work = ctx["bootstrap"], ctx["work"]
+    in_topic, out_topic = _topics(bootstrap, ctx["partitions"])
+    reader = Reader(bootstrap, out_topic)
+    child = Child(command(name, ctx["bundle"], bootstrap, in_topic, out_topic, work / f"state-{uuid.uuid4().hex[:6]}",
+                          max_batch, max_wait, extra), work / f"{name}-paced.log").start()
+    sender = Sender(bootstrap, in_topic, linger_ms=0)
+    try:
+        sender.send(warmup)
+        deadline = time.time() + 120
+        while len(reader.values) < len(warmup):
+            reader.poll(0.05)
+            if time.time() > deadline or not child.alive():
+                raise RuntimeError(f"{name}: warm-up outputs missing\n{child.log_tail()}")
+        reader.values.clear()
+        reader.arrived.clear()
+        sender.sent_at.clear()
+        cpu0 = child.cpu_s()
+        result: dict[str, Any] = {}
+        th = threading.Thread(target=lambda: result.update(sent=sender.send(events, rate, duration)))
+        th.start()
+        while th.is_alive():
+            reader.poll(0.05)
+        n_sent, send_s = result["sent"]
+        deadline = time.time() + drain_s
+        while len(reader.values) < n_sent and time.time() < deadline:
+            reader.poll(0.05)
+        cpu = child.cpu_s() - cpu0
+        rss = child.peak_rss_mb()
+    finally:
+        child.stop()
+        reader.close()
+    lat = []
+    for v, t in zip(reader.values, reader.arrived, strict=True):
+        s = sender.sent_at.get(common.source_of(v))
+        if s is not None:
+            lat.append((t - s) * 1e3)
+    pct = percentiles(lat)
+    r = {"rate_target": rate, "sent": n_sent, "send_s": send_s, "rate_achieved": n_sent / send_s,
+         "delivered": len(lat), "delivered_fraction": len(lat) / max(1, n_sent),
+         "latency_ms": pct, "worker_cpu_s": cpu, "worker_cpu_ms_per_event": 1e3 * cpu / max(1, len(lat)),
+         "worker_peak_rss_mb": rss,
+         "note": None if len(lat) >= n_sent else
+         f"fell behind: {n_sent - len(lat)} outputs not arrived {drain_s:.0f} s after the last send; "
+         "percentiles cover the delivered ones only (a lower bound)"}
+    log.info("%-9s paced %.0f ev/s: p50 %s  p99 %s  p99.9 %s ms  (%d/%d delivered)", name, rate,
+             _f(pct["p50"]), _f(pct["p99"]), _f(pct["p999"]), len(lat), n_sent)
+    return r
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in CONTENDERS if n in result["contenders"]]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    rates = [result["contenders"][n]["backlog"]["events_per_s"] for n in names]
+    a1.bar(names, rates, color=["C0", "C7", "C3", "C1"][: len(names)])
+    a1.set_yscale("log")
+    a1.set_ylabel("sustained events/s (backlog)")
+    for i, r in enumerate(rates):
+        a1.text(i, r, f"{r:,.0f}", ha="center", va="bottom", fontsize=8)
+    x = np.arange(len(names))
+    for j, (q, lab) in enumerate((("p50", "p50"), ("p99", "p99"), ("p999", "p99.9"))):
+        vals = [(result["contenders"][n].get("paced") or {}).get("latency_ms", {}).get(q) or 0 for n in names]
+        a2.bar(x + (j - 1) * 0.27, vals, 0.27, label=lab)
+    a2.set_xticks(x, names)
+    a2.set_yscale("log")
+    a2.set_ylabel("end-to-end latency, ms")
+    a2.set_title(f"paced at {result['paced_rate']:,.0f} ev/s (half of clickvec's max)", fontsize=9)
+    a2.legend(fontsize=8)
+    fig.suptitle(f"clickvec pipeline, {result['machine']['cores']} cores shared by broker + worker "
+                 f"(load {result['machine']['load_average'][0]:.1f})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=None, help="backlog events per contender (default 100k, quick 30k)")
+    p.add_argument("--users", type=int, default=None, help="distinct users (default 2000, quick 1000)")
+    p.add_argument("--quick", action="store_true", help="smaller loads and shorter runs (under ~3 min)")
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--max-batch", type=int, default=1024, help="clickvec and ceiling batch size")
+    p.add_argument("--max-wait", type=float, default=0.02)
+    p.add_argument("--bootstrap", default=None, help="use this broker instead of starting one")
+    p.add_argument("--out", type=Path, default=common.RESULTS / ("pipeline.json"))
+    p.add_argument("--no-plot", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    n_events = a.events or (30_000 if a.quick else 100_000)
+    n_users = a.users or (1000 if a.quick else 2000)
+    cap_s = 15.0 if a.quick else 40.0  # time cap per backlog run (slow contenders)
+    paced_s = 6.0 if a.quick else 20.0
+    load_before = list(__import__("os").getloadavg())
+    t_begin = time.time()
+
+    with tempfile.TemporaryDirectory(prefix="clickvec-bench-") as tmp:
+        work = Path(tmp)
+        broker = None
+        if a.bootstrap:
+            bootstrap = a.bootstrap
+        else:
+            from clickvec import broker as broker_mod
+
+            broker = broker_mod.start(work / "kafka")
+            bootstrap = broker.bootstrap
+        try:
+            bundle = common.make_bundle(work)
+            from clickvec.bundle import load_bundle
+
+            b = load_bundle(bundle, providers="cpu")
+            dims = b.manifest["dims"]
+            model = {"dims": dims, "model_id": b.model_id,
+                     "params": json.loads((bundle / "manifest.json").read_text()).get("params"),
+                     "weights": "random (cost does not depend on them)"}
+            del b
+            events = make_events(n_events, n_users, seed=1)
+            ctx = {"bootstrap": bootstrap, "work": work, "bundle": bundle, "partitions": a.partitions}
+            contenders: dict[str, dict[str, Any]] = {}
+            for name in a.contenders:
+                contenders[name] = {"backlog": backlog_run(name, events, ctx, cap_s, a.max_batch, a.max_wait)}
+            ref = contenders.get("clickvec", contenders[a.contenders[0]])["backlog"]["events_per_s"]
+            paced_rate = round(ref / 2)
+            paced_events = make_events(int(paced_rate * paced_s) + 1000, n_users, seed=2)
+            warm = make_events(200, 200, seed=3)
+            warm = [(b"w" + k, v.replace(b'"user_id":"u', b'"user_id":"wu')) for k, v in warm]
+            for name in a.contenders:
+                contenders[name]["paced"] = paced_run(name, paced_events, warm, paced_rate, paced_s, ctx,
+                                                      max_batch=a.max_batch, max_wait=a.max_wait)
+        finally:
+            if broker is not None:
+                broker.stop()
+
+    res = {
+        "benchmark": "pipeline",
+        "what": __doc__.split("\n\n")[1].strip(),
+        "load": {"events": n_events, "users": n_users, "partitions": a.partitions,
+                 "backlog_cap_s": cap_s, "paced_s": paced_s, "quick": a.quick},
+        "model": model,
+        "paced_rate": paced_rate,
+        "contenders": contenders,
+        "ratios": _ratios(contenders),
+        "versions": common.versions(),
+        "machine": {**common.machine_info(), "load_average_before": load_before,
+                    "note": "broker, worker, producer and reader share these cores"},
+        "wall_s": time.time() - t_begin,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=1) + "\n")
+    if not a.no_plot:
+        plot(res, a.out.with_suffix(".png"))
+    print(json.dumps({"ratios": res["ratios"], "paced_rate": paced_rate,
+                      **{n: {"ev_s": round(c["backlog"]["events_per_s"]),
+                             "lat_ms": c.get("paced", {}).get("latency_ms")} for n, c in contenders.items()}},
+                     indent=1))
+
+
+def _ratios(c: dict[str, dict[str, Any]]) -> dict[str, float]:
+    r: dict[str, float] = {}
+    if "clickvec" not in c:
+        return r
+    a = c["clickvec"]["backlog"]["events_per_s"]
+    for other in ("ceiling", "naive", "recompute"):
+        if other in c:
+            r[f"clickvec_over_{other}"] = a / c[other]["backlog"]["events_per_s"]
+    return r
+
+
+if __name__ == "__main__":
+    main()
