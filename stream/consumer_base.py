@@ -1,0 +1,211 @@
+"""The consumer loop shared by `clickvec alerts` and `clickvec recommend`.
+
+An ordinary confluent-kafka consumer-group member on the vector topic: consume a batch,
+hand the decoded `VectorMessage`s to a handler, produce what it returns, flush, and only
+then commit the batch's offsets. A crash between produce and commit re-delivers the
+batch (at least once); nothing is committed that was not published. SIGTERM / SIGINT
+finish the current batch and leave the group cleanly.
+
+Imports neither torch nor `training`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clickvec.contract import ClickvecError, VectorMessage
+from clickvec.kafkaconf import add_kafka_arguments, kafka_client_config
+
+log = logging.getLogger(__name__)
+
+Record = tuple[bytes | None, bytes]  # (key, value) to publish
+Handler = Callable[[Sequence[VectorMessage]], list[Record]]
+
+
+class ConsumerError(ClickvecError):
+    """The consumer could not publish or commit. Action: check the broker, the topics and
+    the security flags; the message names the topic and the first error. Offsets of the
+    failed batch were not committed, so a restart re-reads it."""
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """One consumer's resolved settings (printed at start-up)."""
+
+    in_topic: str
+    out_topic: str
+    group: str
+    batch: int = 500  # messages per consume call: one handler call, one flush, one commit
+    poll_s: float = 0.5
+    duration_s: float | None = None  # stop after this many seconds
+    idle_exit_s: float | None = None  # stop after this long without a message
+    kafka: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["brokers"] = self.kafka.get("bootstrap.servers")
+        d.pop("kafka")
+        return d
+
+
+@dataclass
+class LoopStats:
+    consumed: int = 0
+    decoded: int = 0
+    undecodable: int = 0
+    published: int = 0
+    batches: int = 0
+    commits: int = 0
+    commit_failures: int = 0
+    seconds: float = 0.0
+    stopped_by: str = ""
+
+
+def add_loop_arguments(p: argparse.ArgumentParser, out_default: str, group_default: str) -> None:
+    add_kafka_arguments(p)
+    p.add_argument("--in", dest="in_topic", default="user-vectors", help="vector topic (default %(default)s)")
+    p.add_argument("--out", dest="out_topic", default=out_default, help="output topic (default %(default)s)")
+    p.add_argument("--group", default=group_default, help="consumer group (default %(default)s)")
+    p.add_argument("--batch", type=int, default=500, help="messages per batch (default %(default)s)")
+    p.add_argument("--duration", type=float, default=None, help="stop after SECONDS")
+    p.add_argument("--idle-exit", type=float, default=None, help="stop after SECONDS without input")
+    p.add_argument("--summary", type=Path, default=None, help="write a JSON summary here on exit")
+
+
+def loop_config(args: argparse.Namespace) -> LoopConfig:
+    if args.batch < 1:
+        raise SystemExit("--batch must be >= 1")
+    return LoopConfig(args.in_topic, args.out_topic, args.group, args.batch, 0.5, args.duration,
+                      args.idle_exit, kafka_client_config(args))
+
+
+def write_summary(path: Path | None, summary: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
+    tmp.replace(path)
+
+
+class VectorConsumer:
+    """Consume -> handle -> produce -> flush -> commit, until stopped."""
+
+    def __init__(self, cfg: LoopConfig, handler: Handler) -> None:
+        self.cfg = cfg
+        self.handler = handler
+        self.stats = LoopStats()
+        self._stop = threading.Event()
+        self._stop_reason = ""
+
+    def stop(self, reason: str = "stop()") -> None:
+        self._stop_reason = self._stop_reason or reason
+        self._stop.set()
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # in-process use from a thread: the caller calls stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda s, _f: self.stop(signal.Signals(s).name))
+
+    def run(self) -> LoopStats:
+        from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+        cfg = self.cfg
+        self._install_signals()
+        consumer = Consumer({
+            **cfg.kafka,
+            "group.id": cfg.group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+        })
+        producer = Producer({**cfg.kafka, "linger.ms": 5, "enable.idempotence": True})
+        errors: list[str] = []
+
+        def on_delivery(err: Any, msg: Any) -> None:
+            if err is not None and len(errors) < 10:
+                errors.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+
+        consumer.subscribe([cfg.in_topic])
+        log.info("consuming %s as group %s -> %s", cfg.in_topic, cfg.group, cfg.out_topic)
+        t0 = last_input = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if cfg.duration_s is not None and now - t0 >= cfg.duration_s:
+                    self.stop("duration")
+                    break
+                if cfg.idle_exit_s is not None and now - last_input >= cfg.idle_exit_s:
+                    self.stop("idle")
+                    break
+                msgs = consumer.consume(num_messages=cfg.batch, timeout=cfg.poll_s)
+                if not msgs:
+                    continue
+                last_input = time.monotonic()
+                decoded: list[VectorMessage] = []
+                ends: dict[tuple[str, int], int] = {}
+                for m in msgs:
+                    err = m.error()
+                    if err is not None:
+                        if err.fatal():
+                            raise ConsumerError(f"fatal consumer error: {err}")
+                        log.warning("consumer error: %s", err)
+                        continue
+                    self.stats.consumed += 1
+                    ends[(m.topic(), m.partition())] = m.offset() + 1
+                    try:
+                        decoded.append(VectorMessage.from_bytes(m.value()))
+                    except (ValueError, TypeError, KeyError) as e:
+                        self.stats.undecodable += 1
+                        log.warning("skipping undecodable vector message %s[%d] offset=%d: %s",
+                                    m.topic(), m.partition(), m.offset(), e)
+                self.stats.decoded += len(decoded)
+                out = self.handler(decoded) if decoded else []
+                for key, value in out:
+                    while True:
+                        try:
+                            producer.produce(cfg.out_topic, value=value, key=key, on_delivery=on_delivery)
+                            break
+                        except BufferError:
+                            producer.poll(0.05)
+                remaining = producer.flush(30)
+                if errors or remaining:
+                    raise ConsumerError(
+                        f"could not publish to {cfg.out_topic!r}: "
+                        + (f"{errors}" if errors else f"{remaining} messages still queued after 30 s")
+                    )
+                self.stats.published += len(out)
+                self.stats.batches += 1
+                if ends:
+                    try:
+                        consumer.commit(
+                            offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()],
+                            asynchronous=False,
+                        )
+                        self.stats.commits += 1
+                    except KafkaException as e:
+                        # A rebalance took the partition: its next owner re-reads the batch.
+                        if e.args[0].code() in (KafkaError.REBALANCE_IN_PROGRESS,
+                                                KafkaError.ILLEGAL_GENERATION,
+                                                KafkaError.UNKNOWN_MEMBER_ID):
+                            self.stats.commit_failures += 1
+                            log.warning("commit lost to a rebalance (%s); the batch will be re-read", e)
+                        else:
+                            raise ConsumerError(f"commit to group {cfg.group!r} failed: {e}") from None
+        finally:
+            self.stats.seconds = round(time.monotonic() - t0, 3)
+            self.stats.stopped_by = self._stop_reason or "error"
+            producer.flush(10)
+            consumer.close()  # leaves the group: partitions move at once
+            log.info("consumer stopped (%s): %s", self.stats.stopped_by, asdict(self.stats))
+        return self.stats

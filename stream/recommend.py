@@ -1,0 +1,172 @@
+"""`clickvec recommend`: live top-k recommendations from the vector topic.
+
+  clickvec recommend --model models/NAME --brokers HOST:PORT --in user-vectors --k 10
+
+A consumer-group member (see `stream.consumer_base`): each batch of vector messages is
+scored against the bundle's item embeddings in one matrix multiply
+(`Bundle.score_items`, padding and OOV indices excluded) and each user's top-k is
+published as JSON `{user_id, seq, model_id, items, scores}` (key = user id).
+Catalogues above `--ann-threshold` items use an approximate inner-product index
+(faiss HNSW over [query, 1] . [embedding, bias]) when faiss is installed, else exact
+search. `--eval-events FILE` reports the hit rate on each user's next event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clickvec.contract import VectorMessage
+from stream.consumer_base import Record, VectorConsumer, add_loop_arguments, loop_config, write_summary
+
+log = logging.getLogger(__name__)
+
+FIRST_REAL_ITEM = 2  # 0 = padding, 1 = OOV
+
+
+class ItemIndex:
+    """Top-k items for a batch of vectors: exact numpy or approximate (faiss HNSW)."""
+
+    def __init__(self, bundle: Any, ann_threshold: int = 100_000, ef_search: int = 128) -> None:
+        self.bundle = bundle
+        emb = np.asarray(bundle.item_embeddings[FIRST_REAL_ITEM:], np.float32)  # (N-2, Ei)
+        bias = np.asarray(bundle.item_bias[FIRST_REAL_ITEM:], np.float32)
+        self.n_items = emb.shape[0]
+        self.kind = "exact"
+        self._faiss_index = None
+        if self.n_items > ann_threshold:
+            try:
+                import faiss
+            except ImportError:
+                log.warning("%d items > --ann-threshold %d but faiss is not installed: exact search",
+                            self.n_items, ann_threshold)
+            else:
+                # score = q . e + b = [q, 1] . [e, b]: a pure inner product for the index.
+                data = np.ascontiguousarray(np.hstack([emb, bias[:, None]]), np.float32)
+                index = faiss.IndexHNSWFlat(data.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+                index.hnsw.efConstruction = 80
+                index.add(data)
+                index.hnsw.efSearch = ef_search
+                self._faiss_index = index
+                self.kind = "faiss-hnsw"
+        log.info("item index: %s over %d items", self.kind, self.n_items)
+
+    def topk(self, z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, D) vectors -> item indices (B, k) (bundle index space) and scores (B, k)."""
+        k = min(k, self.n_items)
+        if self._faiss_index is not None:
+            q = self.bundle.item_query(z).astype(np.float32)  # (B, Ei)
+            q = np.ascontiguousarray(np.hstack([q, np.ones((len(q), 1), np.float32)]))
+            self._faiss_index.hnsw.efSearch = max(self._faiss_index.hnsw.efSearch, k)
+            scores, idx = self._faiss_index.search(q, k)
+            return idx.astype(np.int64) + FIRST_REAL_ITEM, scores
+        s = self.bundle.score_items(z)[:, FIRST_REAL_ITEM:]  # (B, N-2): one matmul per batch
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        ps = np.take_along_axis(s, part, 1)
+        order = np.argsort(-ps, axis=1, kind="stable")
+        return np.take_along_axis(part, order, 1) + FIRST_REAL_ITEM, np.take_along_axis(ps, order, 1)
+
+
+def next_items(path: str | Path) -> dict[str, list[str]]:
+    """Each user's items in event order from an event file (ties in file order)."""
+    from clickvec.eventfile import read_table
+
+    t = read_table(path)
+    users = t.column("user_id").to_pylist()
+    items = t.column("item_id").to_pylist()
+    ts = np.asarray(t.column("ts").to_numpy(zero_copy_only=False), np.int64)
+    out: dict[str, list[str]] = {}
+    for i in np.lexsort((np.arange(len(ts)), ts)):
+        out.setdefault(users[i], []).append(items[i])
+    return out
+
+
+class RecommendHandler:
+    def __init__(self, index: ItemIndex, k: int, eval_items: dict[str, list[str]] | None = None) -> None:
+        self.index = index
+        self.k = k
+        self.model_id = index.bundle.model_id
+        self.spec = index.bundle.spec
+        self.eval_items = eval_items
+        self.recommended = 0
+        self.skipped_model = 0
+        self.eval_cases = 0
+        self.hits = 0
+        self.random_hits = 0.0  # expected hits of k random catalogue items
+
+    def __call__(self, batch: Sequence[VectorMessage]) -> list[Record]:
+        msgs = [m for m in batch if m.model_id == self.model_id and len(m.vector) == self.index.bundle.z_dim]
+        self.skipped_model += len(batch) - len(msgs)
+        if not msgs:
+            return []
+        z = np.asarray([m.vector for m in msgs], np.float32)  # (B, D)
+        idx, scores = self.index.topk(z, self.k)
+        out: list[Record] = []
+        for m, row, sc in zip(msgs, idx, scores, strict=True):
+            items = [self.spec.index_to_item(int(i)) for i in row]
+            rec = {"user_id": m.user_id, "seq": m.seq, "model_id": m.model_id,
+                   "items": items, "scores": [round(float(s), 5) for s in sc]}
+            out.append((m.user_id.encode(), json.dumps(rec, separators=(",", ":")).encode()))
+            if self.eval_items is not None:
+                seq = self.eval_items.get(m.user_id, [])
+                if m.seq < len(seq):  # the user's (seq+1)-th event is held back
+                    self.eval_cases += 1
+                    self.hits += seq[m.seq] in items
+                    self.random_hits += len(items) / self.index.n_items
+        self.recommended += len(out)
+        return out
+
+    def evaluation(self) -> dict[str, Any]:
+        n = self.eval_cases
+        return {"cases": n, "hits": self.hits, "hit_rate": self.hits / n if n else None,
+                "random_items_hit_rate": self.random_hits / n if n else None, "k": self.k}
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="clickvec recommend", description=__doc__.split("\n\n")[0])
+    add_loop_arguments(p, "recommendations", "clickvec-recommend")
+    p.add_argument("--model", required=True, type=Path, help="model bundle directory")
+    p.add_argument("--k", type=int, default=10, help="items per recommendation (default %(default)s)")
+    p.add_argument("--ann-threshold", type=int, default=100_000,
+                   help="approximate index above this many items (default %(default)s)")
+    p.add_argument("--eval-events", type=Path, default=None,
+                   help="event file: hit rate of each recommendation on the user's next event")
+    args = p.parse_args(argv)
+    if args.k < 1:
+        raise SystemExit("--k must be >= 1")
+    from clickvec.bundle import load_bundle
+
+    bundle = load_bundle(args.model, providers="cpu", warmup=False)
+    loop = loop_config(args)
+    index = ItemIndex(bundle, args.ann_threshold)
+    handler = RecommendHandler(index, args.k, next_items(args.eval_events) if args.eval_events else None)
+    log.info("recommend config: %s k=%d index=%s model_id=%s", loop.describe(), args.k, index.kind,
+             bundle.model_id[:12])
+    try:
+        stats = VectorConsumer(loop, handler).run()
+    except Exception as e:
+        log.error("clickvec recommend: %s", e)
+        return 1
+    summary: dict[str, Any] = {
+        "config": {**loop.describe(), "k": args.k, "index": index.kind, "model": str(args.model)},
+        "loop": asdict(stats), "recommended": handler.recommended,
+        "skipped_other_model": handler.skipped_model,
+    }
+    if handler.eval_items is not None:
+        summary["evaluation"] = handler.evaluation()
+    write_summary(args.summary, summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main(sys.argv[1:]))
