@@ -9,7 +9,9 @@ runs on the Faust table (RocksDB + changelog) and on a dict.
 from __future__ import annotations
 
 import abc
+import json
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +80,10 @@ class EngineConfig:
     encoding: str = "json"  # vector encoding: json | f16 | i8
     state_dtype: str = "f32"  # f32 | f16
     max_padding_ratio: float = 4.0  # above this padded/real cell ratio, split the call by length
+    # Users per ONNX Runtime call. The step graph's surprise is a softmax over the whole
+    # catalogue, whose cost per user grows past ~128 users a call on CPU
+    # (benchmarks/results/step_throughput.json): a 1024-user batch runs as 8 calls.
+    max_call_batch: int = 128
 
 
 class Engine:
@@ -154,8 +160,10 @@ class Engine:
             return result
 
         lengths = np.array([len(p) for p in pending], dtype=np.int64)
+        step = max(1, self.cfg.max_call_batch)
         for idx in self._chunks(lengths):
-            self._run(idx, users, states, pending, store, result)
+            for k in range(0, len(idx), step):
+                self._run(idx[k:k + step], users, states, pending, store, result)
         result.users = len(users)
         return result
 
@@ -205,23 +213,27 @@ class Engine:
         now_ms = int(time.time() * 1000)
         enc = self.cfg.encoding
         every = self.cfg.emit == "every"
+        fast = enc == "json"
+        zs_all = (z_seq if every else z_last).tolist()  # one conversion for the whole call
+        sur_all = surprise.tolist()  # (T, B)
+        outputs = result.outputs
         for b, i in enumerate(idx):
             st = states[i]
             evs = pending[i]
             n = len(evs)
             uid = users[i]
             key = uid.encode()
-            if every:
-                zs = z_seq[:n, b].tolist()
-                for t, (ev, rec) in enumerate(evs):
-                    msg = VectorMessage(uid, self.model_id, st.seq + t + 1, ev.ts, now_ms, zs[t],
-                                        float(surprise[t, b]), f"{rec.topic}[{rec.partition}]@{rec.offset}")
-                    result.outputs.append((key, msg.to_bytes(enc)))
-            else:
-                ev, rec = evs[-1]
-                msg = VectorMessage(uid, self.model_id, st.seq + n, ev.ts, now_ms, z_last[b].tolist(),
-                                    float(surprise[n - 1, b]), f"{rec.topic}[{rec.partition}]@{rec.offset}")
-                result.outputs.append((key, msg.to_bytes(enc)))
+            head = _json_head(uid, self.model_id) if fast else ""
+            todo = enumerate(evs) if every else [(n - 1, evs[-1])]
+            for t, (ev, rec) in todo:
+                z = zs_all[t][b] if every else zs_all[b]
+                if fast:
+                    outputs.append((key, _json_message(head, st.seq + t + 1, ev.ts, now_ms, z, sur_all[t][b],
+                                                       _json_source(rec))))
+                else:
+                    msg = VectorMessage(uid, self.model_id, st.seq + t + 1, ev.ts, now_ms, z, sur_all[t][b],
+                                        f"{rec.topic}[{rec.partition}]@{rec.offset}")
+                    outputs.append((key, msg.to_bytes(enc)))
             last_ev, last_rec = evs[-1]
             new_state = UserState(self.prefix, st.seq + n, last_rec.partition, last_rec.offset,
                                   last_ev.ts, h_new[:, b], c_new[:, b])
@@ -234,6 +246,37 @@ class Engine:
         that is stored implies its vectors reached the topic."""
         for uid, value, rec in result.states:
             store.put(uid, value, rec)
+
+
+# The JSON vector message, built without json.dumps: `VectorMessage.to_bytes("json")` spends
+# most of its time in float repr (17 digits each). The vector is float32, so 9 significant
+# digits round-trip it exactly; field order and the other values are as in to_bytes.
+_VEC_FMT: dict[int, str] = {}
+
+
+def _json_head(user_id: str, model_id: str) -> str:
+    return '{"user_id":%s,"model_id":%s,' % (json.dumps(user_id), json.dumps(model_id))
+
+
+_TOPIC_JSON: dict[str, str] = {}
+
+
+def _json_source(rec: Record) -> str:
+    """`"topic[partition]@offset"` as a JSON string."""
+    t = _TOPIC_JSON.get(rec.topic)
+    if t is None:
+        t = _TOPIC_JSON[rec.topic] = json.dumps(rec.topic)[:-1]
+    return '%s[%d]@%d"' % (t, rec.partition, rec.offset)
+
+
+def _json_message(head: str, seq: int, event_ts: int, emit_ts: int, vector: list[float], surprise: float,
+                  source_json: str) -> bytes:
+    fmt = _VEC_FMT.get(len(vector))
+    if fmt is None:
+        fmt = _VEC_FMT[len(vector)] = ",".join(["%.9g"] * len(vector))
+    s = repr(surprise) if math.isfinite(surprise) else json.dumps(surprise)  # json.dumps' float form
+    return ('%s"seq":%d,"event_ts":%d,"emit_ts":%d,"vector":[%s],"surprise":%s,"source":%s}' % (
+        head, seq, event_ts, emit_ts, fmt % tuple(vector), s, source_json)).encode()
 
 
 def records_from(items: Iterable[tuple[bytes | None, bytes | None, int, int]], topic: str = "clicks") -> list[Record]:

@@ -76,6 +76,8 @@ class UserState:
                 f"state value has {len(data)} bytes; a model with {layers} layer(s) of {hidden} "
                 f"units needs {HEADER_BYTES + 2 * n * dt.itemsize}"
             )
-        arr = np.frombuffer(data, dtype=dt, count=2 * n, offset=HEADER_BYTES).astype(np.float32)
+        arr = np.frombuffer(data, dtype=dt, count=2 * n, offset=HEADER_BYTES)  # read-only view
+        if arr.dtype != np.float32:
+            arr = arr.astype(np.float32)
         return cls(prefix, seq, partition, offset, last_ts,
                    arr[:n].reshape(layers, hidden), arr[n:].reshape(layers, hidden))
