@@ -1,0 +1,105 @@
+"""The training configuration: one frozen object, resolved from defaults < config file < flags.
+
+The resolved object is printed at start-up and saved as `config.json` in the run directory,
+so every run carries its own recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    data: str | None = None  # event file (parquet/jsonl/csv via clickvec.eventfile) or sequence file
+    synthetic_users: int = 0  # > 0: generate data with clickvec.synth instead of --data
+    synthetic_items: int = 0  # 0: the generator's default
+    out: str = "runs/default"
+    split: str = "loo"  # "loo" (leave-one-out) or "time"
+    cutoff_quantile: float = 0.9  # time split: events with ts below this quantile train
+    min_events: int = 3  # users with fewer events only train (leave-one-out)
+    hash_buckets: int = 0  # > 0: hash items into N buckets instead of a vocabulary
+    min_item_count: int = 1  # vocabulary: items seen fewer times in training map to OOV
+    max_len: int = 50  # training only: keep the last max_len events of long histories
+    # model (training.model.ModelConfig)
+    item_dim: int = 64
+    type_dim: int = 8
+    gap_dim: int = 8
+    hidden: int = 128
+    layers: int = 1
+    z_dim: int = 32
+    vae: bool = False
+    dropout: float = 0.0
+    # The model's item embeddings start at std 0.05, which suits the output (dot-product)
+    # side but leaves the item too faint in the LSTM input next to the type and gap
+    # embeddings (std 1): training then sits on a popularity plateau for epochs.
+    item_init_std: float = 0.5  # 0: keep the model's initialisation
+    # objectives
+    loss: str = "full"  # "full" softmax CE or "sampled" softmax
+    num_negatives: int = 256  # sampled softmax: shared uniform negatives per batch
+    item_weight: float = 1.0
+    type_weight: float = 0.2
+    time_weight: float = 0.1
+    kl_weight: float = 1e-3
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    patience: int = 3  # epochs without a better valid sampled NDCG@10 before stopping
+    max_minutes: float = 0.0  # 0: no wall-clock budget
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0  # 0: leave torch's default
+    deterministic: bool = True
+    # evaluation
+    num_eval_negatives: int = 100
+    eval_k: int = 10
+    eval_batch_size: int = 512
+    eval_seed: int = 12345
+    progress: bool = True
+    resume: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d).validated()
+
+    def merged(self, overrides: dict[str, Any]) -> TrainConfig:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validated()
+
+    def validated(self) -> TrainConfig:
+        if self.split not in ("loo", "time"):
+            raise ValueError(f"split must be 'loo' or 'time', not {self.split!r}")
+        if self.loss not in ("full", "sampled"):
+            raise ValueError(f"loss must be 'full' or 'sampled', not {self.loss!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if not 0.0 < self.cutoff_quantile < 1.0:
+            raise ValueError("cutoff_quantile must lie in (0, 1)")
+        if self.max_len < 2:
+            raise ValueError("max_len must be >= 2")
+        if self.data is None and self.synthetic_users <= 0:
+            raise ValueError("give --data PATH or --synthetic-users N")
+        return self
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    d = json.loads(Path(path).read_text())
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: a training config file is a JSON object")
+    return {k.replace("-", "_"): v for k, v in d.items()}
