@@ -102,8 +102,8 @@ class Snapshot:
 
 def _ms(v: float | None) -> str:
     if v is None:
-        return "   -  "
-    return f"{v:6.1f}" if v < 1000 else f"{v / 1000:5.1f}s"
+        return "     - "
+    return f"{v:6.1f}ms" if v < 1000 else f"{v / 1000:6.2f}s"
 
 
 def _clip(s: str, width: int) -> str:
@@ -125,10 +125,10 @@ def render_screen(s: Snapshot, width: int | None = None, color: bool = True) -> 
         f"{b}totals{rst}      produced {s.produced:,} (+{s.malformed} malformed)   vectors {s.vectors:,}   "
         f"dead letters {red if dead else ''}{dead}{rst if dead else ''}"
         + (f" {d}{dict(sorted(s.dead_letters.items()))}{rst}" if dead else ""),
-        f"{b}latency{rst}     produce→vector received, last 10 s  p50 {_ms(s.latency_now[0])} ms  "
-        f"p95 {_ms(s.latency_now[1])} ms  p99 {_ms(s.latency_now[2])} ms",
-        f"            whole run{' ' * 22}p50 {_ms(s.latency_all.get('p50'))} ms  "
-        f"p95 {_ms(s.latency_all.get('p95'))} ms  p99 {_ms(s.latency_all.get('p99'))} ms",
+        f"{b}latency{rst}     produce→vector received, last 10 s  p50 {_ms(s.latency_now[0])}  "
+        f"p95 {_ms(s.latency_now[1])}  p99 {_ms(s.latency_now[2])}",
+        f"            whole run{' ' * 24}p50 {_ms(s.latency_all.get('p50'))}  "
+        f"p95 {_ms(s.latency_all.get('p95'))}  p99 {_ms(s.latency_all.get('p99'))}",
         "",
         f"{b}most surprising users now{rst} {d}(mean surprise of their last 3 events){rst}",
     ]
@@ -166,7 +166,7 @@ def render_line(s: Snapshot) -> str:
     return (
         f"[{s.elapsed_s:5.0f}s] produced {s.produced} ({s.in_rate:.0f}/s) vectors {s.vectors} "
         f"({s.out_rate:.0f}/s) dlq {sum(s.dead_letters.values())} alerts {s.alerts} recs {s.recommendations} "
-        f"lag {s.lag if s.lag is not None else '-'} latency ms p50 {_ms(p50).strip()} p95 {_ms(p95).strip()} "
+        f"lag {s.lag if s.lag is not None else '-'} latency p50 {_ms(p50).strip()} p95 {_ms(p95).strip()} "
         f"p99 {_ms(p99).strip()}"
         + (f" top {top[0]}={top[1]:.2f}" if top else "")
     )

@@ -606,6 +606,9 @@ class Observer(threading.Thread):
         self.join(10)
 
 
+_NOT_SHOWN = ("model_id", "source", "emit_ts")  # the same on every line, or noise
+
+
 def _short_json(value: bytes, limit: int = 160) -> str:
     try:
         d = json.loads(value)
@@ -614,6 +617,8 @@ def _short_json(value: bytes, limit: int = 160) -> str:
     if isinstance(d, dict):
         parts = []
         for k, v in d.items():
+            if k in _NOT_SHOWN:
+                continue
             if isinstance(v, float):
                 v = round(v, 3)
             elif isinstance(v, list) and len(v) > 5:
@@ -628,6 +633,24 @@ def _short_json(value: bytes, limit: int = 160) -> str:
 
 
 # --------------------------------------------------------------------------- the job
+
+
+@contextlib.contextmanager
+def _logs_off_screen(live: bool) -> Iterator[None]:
+    """Log lines would tear the live view: while it shows, they go to the log file only."""
+    saved: list[tuple[logging.Handler, int]] = []
+    if live:
+        for h in logging.getLogger().handlers:
+            if not isinstance(h, logging.FileHandler):
+                saved.append((h, h.level))
+                h.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for h, level in saved:
+            h.setLevel(level)
+        if live:
+            sys.stdout.write("\n")
 
 
 def _base_user(u: str) -> str:
@@ -688,8 +711,9 @@ class Job:
                 raise RunError(f"stopped by {self.stop_reason} before streaming")
             self._start_pipeline()
             summary["startup_seconds"] = round(time.monotonic() - t0, 2)
-            self._stream()
-            self._drain()
+            with _logs_off_screen(cfg.dashboard):
+                self._stream()
+                self._drain()
         finally:
             self._shutdown()
         summary.update(self._figures())
@@ -784,13 +808,6 @@ class Job:
         cfg = self.cfg
         assert self.producer is not None
         screen = Screen(live=cfg.dashboard)
-        quiet = cfg.dashboard
-        saved: list[tuple[logging.Handler, int]] = []
-        if quiet:  # log lines would tear the live view: keep them in the log file only
-            for h in logging.getLogger().handlers:
-                if not isinstance(h, logging.FileHandler):
-                    saved.append((h, h.level))
-                    h.setLevel(logging.CRITICAL + 1)
         self.t_stream = time.monotonic()
         self.producer.start()
         log.info("streaming %d events per pass at %.0f ev/s into %s", self.producer.n_events, cfg.rate,
@@ -812,11 +829,6 @@ class Job:
                 self.stop_requested.wait(max(0.0, 1.0 - (time.monotonic() - self.t_stream - elapsed)))
         except KeyboardInterrupt:
             self.request_stop("SIGINT")
-        finally:
-            for h, level in saved:
-                h.setLevel(level)
-            if cfg.dashboard:
-                sys.stdout.write("\n")
         self.producer.stop()
         self.producer.join(60)
         self.t_stream_end = time.monotonic()
@@ -827,6 +839,7 @@ class Job:
     def _drain(self, timeout: float = 60.0) -> None:
         """Let the worker and the consumers catch up before they are stopped."""
         assert self.producer is not None and self.observer is not None
+        screen = Screen(live=self.cfg.dashboard, every=2.0)
         deadline = time.monotonic() + timeout
         last, last_change = None, time.monotonic()
         while time.monotonic() < deadline:
@@ -844,7 +857,9 @@ class Job:
                 return
             if self.children["stream"].check() != "running":
                 return
-            time.sleep(0.5)
+            if self.cfg.dashboard:
+                screen.show(self.snapshot("draining (producer stopped)"))
+            time.sleep(1.0)
         log.warning("drain timed out after %.0f s", timeout)
 
     def _shutdown(self) -> None:
