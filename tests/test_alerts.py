@@ -193,6 +193,7 @@ def test_alerts_end_to_end(kafka_bootstrap, new_topic, new_group, trained, tmp_p
     write_events(held, labels_file)
     vec, vectors = stream_vectors(kafka_bootstrap, new_topic, new_group, bundle_path, events, tmp_path)
     assert len({(m.user_id, m.seq) for m in vectors}) == len(events)
+    print("vectors:", len(vectors), "replayed duplicates:", len(vectors) - len(events))
 
     out = new_topic(4, "alerts")
     group = new_group()
@@ -201,6 +202,7 @@ def test_alerts_end_to_end(kafka_bootstrap, new_topic, new_group, trained, tmp_p
             "--idle-exit", "4", "--summary", str(summary_path), "--labels", str(labels_file))
     summary = json.loads(summary_path.read_text())
     assert summary["scored"] == len(vectors)
+    assert summary["replays_skipped"] == len(vectors) - len(events)
     assert summary["loop"]["stopped_by"] == "idle"
     # Offsets committed after publishing: the group stands at the end of the vector topic.
     assert committed_equals_end(kafka_bootstrap, group, vec) == (len(vectors), len(vectors))
