@@ -714,8 +714,17 @@ class Job:
             with _logs_off_screen(cfg.dashboard):
                 self._stream()
                 self._drain()
+        except BaseException as e:
+            summary["error"] = f"{type(e).__name__}: {e}"
+            raise
         finally:
             self._shutdown()
+            if "error" in summary:  # what was done before the failure, for the post-mortem
+                with contextlib.suppress(Exception):
+                    summary.update(self._figures())
+                    summary["ended_at"] = time.time()
+                    summary["stopped_by"] = "error"
+                    self._write_summary(summary)
         summary.update(self._figures())
         summary["ended_at"] = time.time()
         summary["stopped_by"] = self.stop_reason or "duration"
