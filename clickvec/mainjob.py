@@ -664,6 +664,7 @@ class Job:
         self.logs = self.work / "logs"
         self.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
         self.stop_requested = threading.Event()
+        self.skip_drain = threading.Event()
         self.stop_reason = ""
         self.broker: Any = None
         self.children: dict[str, Child] = {}
@@ -688,8 +689,8 @@ class Job:
 
     def _install_signals(self) -> None:
         def on_signal(signum: int, _frame: Any) -> None:
-            if self.stop_requested.is_set() and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop waiting
+            if self.stop_requested.is_set():
+                self.skip_drain.set()  # a second Ctrl-C / SIGTERM: stop without waiting
             self.request_stop(signal.Signals(signum).name)
 
         signal.signal(signal.SIGTERM, on_signal)
@@ -845,13 +846,14 @@ class Job:
             log.info("producer stopped: %d events and %d malformed messages delivered",
                      self.producer.delivered, self.producer.delivered_bad)
 
-    def _drain(self, timeout: float = 60.0) -> None:
-        """Let the worker and the consumers catch up before they are stopped."""
+    def _drain(self, timeout: float = 600.0) -> None:
+        """Let the worker and the consumers catch up before they are stopped, as long as
+        they make progress (a second Ctrl-C / SIGTERM skips the wait)."""
         assert self.producer is not None and self.observer is not None
         screen = Screen(live=self.cfg.dashboard, every=2.0)
         deadline = time.monotonic() + timeout
         last, last_change = None, time.monotonic()
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.skip_drain.is_set():
             self._tick()
             with self.observer.lock:
                 now = (self.observer.counts["out"], self.observer.counts["dlq"],
@@ -869,7 +871,8 @@ class Job:
             if self.cfg.dashboard:
                 screen.show(self.snapshot("draining (producer stopped)"))
             time.sleep(1.0)
-        log.warning("drain timed out after %.0f s", timeout)
+        if not self.skip_drain.is_set():
+            log.warning("drain timed out after %.0f s", timeout)
 
     def _shutdown(self) -> None:
         for name in ("recommend", "alerts", "stream"):
