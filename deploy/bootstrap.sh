@@ -36,9 +36,9 @@ fi
 STAMP=.venv/.clickvec-installed
 HASH="$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
-  log "installing clickvec[train,dev] into .venv (first time: several minutes, torch is large)"
+  log "installing clickvec[train,dev,ann] into .venv (first time: several minutes, torch is large)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[train,dev]"
+  .venv/bin/python -m pip install -q -e ".[train,dev,ann]"
   echo "$HASH" > "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
