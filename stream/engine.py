@@ -143,7 +143,8 @@ class Engine:
                     st = UserState.unpack(raw, self.layers, self.hidden)
                 except StateError as e:
                     log.error("user %r: unreadable state (%s); starting from a fresh state", uid, e)
-            if st is None or st.model_prefix != self.prefix:
+            stored_ok = st is not None and st.model_prefix == self.prefix
+            if not stored_ok:
                 if st is not None:
                     result.state_resets += 1
                 st = UserState.fresh(self.prefix, self.layers, self.hidden) if st is None else UserState(
@@ -156,6 +157,14 @@ class Engine:
                 users.append(uid)
                 states.append(st)
                 pending.append(new)
+            elif stored_ok and raw is not None:
+                # Only replays: these events were applied before a crash or rebalance, and
+                # their outputs delivered, but Faust sends changelog records asynchronously:
+                # a SIGKILL can lose the last ones while RocksDB kept the state. Offsets are
+                # committed only after the changelog is flushed, so the events come back:
+                # write the stored value again and the changelog catches up (same bytes,
+                # so the table itself does not change).
+                result.states.append((uid, raw, evs[-1][1]))
         if not users:
             return result
 
