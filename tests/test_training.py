@@ -34,7 +34,7 @@ def tiny_table(n_users: int = 60, seed: int = 1):
 
 
 def tiny_cfg(tmp_path: Path, **kw) -> TrainConfig:
-    base = dict(synthetic_users=1, out=str(tmp_path / "run"), epochs=2, batch_size=16, hidden=32, z_dim=8,
+    base = dict(data="in-memory synthetic table", out=str(tmp_path / "run"), epochs=2, batch_size=16, hidden=32, z_dim=8,
                 item_dim=16, progress=False, num_threads=2, max_len=20)
     base.update(kw)
     return TrainConfig(**base)
@@ -205,7 +205,7 @@ ACCEPT_TRAIN = dict(epochs=8, batch_size=32, lr=5e-3, weight_decay=0.1, patience
 @pytest.mark.slow
 def test_lstm_beats_popularity_and_markov_on_both_protocols(tmp_path):
     tab = generate_table(SynthConfig(**ACCEPT_DATA))
-    cfg = TrainConfig(synthetic_users=1, out=str(tmp_path / "accept"), progress=False, num_threads=2, **ACCEPT_TRAIN)
+    cfg = TrainConfig(data="in-memory synthetic table", out=str(tmp_path / "accept"), progress=False, num_threads=2, **ACCEPT_TRAIN)
     r = train(cfg, tab)
     t = r["test"]
     print(f"\nacceptance ({ACCEPT_DATA}, {ACCEPT_TRAIN}, {r['training_seconds']:.0f} s):")

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float)
     p.add_argument("--item-init-std", type=float)
     p.add_argument("--weight-decay", type=float)
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"))
+    p.add_argument("--warmup-steps", type=int)
     p.add_argument("--min-events", type=int)
     p.add_argument("--vae", action="store_true", default=None)
     p.add_argument("--loss", choices=("full", "sampled"))

@@ -50,6 +50,8 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # or "cosine" (to 5% of lr over `epochs`)
+    warmup_steps: int = 0
     grad_clip: float = 5.0
     patience: int = 3  # epochs without a better valid sampled NDCG@10 before stopping
     max_minutes: float = 0.0  # 0: no wall-clock budget
@@ -84,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"split must be 'loo' or 'time', not {self.split!r}")
         if self.loss not in ("full", "sampled"):
             raise ValueError(f"loss must be 'full' or 'sampled', not {self.loss!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if not 0.0 < self.cutoff_quantile < 1.0:

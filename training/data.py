@@ -174,6 +174,7 @@ class Split:
     test: list[EvalCase]
     kind: str = "loo"
     info: dict[str, Any] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # e.g. seeded eval negatives
 
     @property
     def catalogue(self) -> np.ndarray:

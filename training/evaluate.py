@@ -10,6 +10,7 @@ Ties are scored by their expectation under a random tie-break, so count-based ba
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -29,16 +30,36 @@ def sample_negatives(
     """(N, num_negatives) item indices in [2, n_items), none in the user's inputs or target."""
     rng = np.random.default_rng(seed)
     out = np.empty((len(cases), num_negatives), dtype=np.int64)
+    seen = np.zeros(n_items, dtype=bool)
     for i, c in enumerate(cases):
-        seen = np.unique(np.append(c.inputs[:, 0], c.target_item))
-        if n_items - 2 - np.count_nonzero(seen >= 2) < 1:
+        hist = c.inputs[:, 0]
+        seen[hist] = True
+        seen[c.target_item] = True
+        if n_items - 2 - int(seen[2:].sum()) < 1:
             raise ValueError(f"catalogue of {n_items - 2} items leaves no negatives for user {c.user}")
         draw = rng.integers(2, n_items, size=num_negatives)
-        bad = np.isin(draw, seen)
+        bad = seen[draw]
         while bad.any():
             draw[bad] = rng.integers(2, n_items, size=int(bad.sum()))
-            bad = np.isin(draw, seen)
+            bad = seen[draw]
         out[i] = draw
+        seen[hist] = False
+        seen[c.target_item] = False
+    return out
+
+
+def _eval_batches(lengths: np.ndarray, batch_size: int, token_budget: int) -> list[np.ndarray]:
+    """Case indices sorted by length, cut so a batch holds at most `batch_size` users and
+    its padded (T, B) at most `token_budget` steps (long histories come in small batches)."""
+    order = np.argsort(lengths, kind="stable")
+    out: list[np.ndarray] = []
+    lo = 0
+    while lo < len(order):
+        hi = lo + 1
+        while hi < len(order) and hi - lo < batch_size and lengths[order[hi]] * (hi + 1 - lo) <= token_budget:
+            hi += 1
+        out.append(order[lo:hi])
+        lo = hi
     return out
 
 
@@ -120,7 +141,12 @@ def evaluate(
     was_training = enc.training
     enc.eval()
     n_items = split.spec.n_items
-    negs = sample_negatives(cases, n_items, num_negatives, seed)
+    # The candidates depend only on the cases and the seed: draw once per split and reuse.
+    cache = split.cache
+    ck = ("negatives", which, len(cases), num_negatives, seed)
+    if ck not in cache:
+        cache[ck] = sample_negatives(cases, n_items, num_negatives, seed)
+    negs = cache[ck]
     targets = np.asarray([c.target_item for c in cases], dtype=np.int64)
     if baselines is True:
         bls: Sequence[Popularity | Markov] = fit_baselines(split.train, n_items)
@@ -128,13 +154,16 @@ def evaluate(
         bls = []
     else:
         bls = baselines
-    acc = {"model": _Acc(), **{b.name: _Acc() for b in bls}}
+    # Baselines are fitted on split.train: their scores on these cases never change, so a
+    # per-epoch valid evaluation computes them once.
+    bkey = {b.name: ("baseline", b.name, which, len(cases), num_negatives, seed, k) for b in bls}
+    todo = [b for b in bls if bkey[b.name] not in cache]
+    acc = {"model": _Acc(), **{b.name: _Acc() for b in todo}}
     nll = type_hit = 0.0
     t_abs_log = t_sq_log = t_abs_s = t_sq_s = 0.0
 
-    order = np.argsort([len(c.inputs) for c in cases], kind="stable")  # less padding
-    for lo in range(0, len(order), batch_size):
-        idx = order[lo:lo + batch_size]
+    lengths_all = np.asarray([len(c.inputs) for c in cases])
+    for idx in _eval_batches(lengths_all, batch_size, token_budget=max(batch_size * 64, 4096)):
         batch = [cases[i] for i in idx]
         item, etype, gap, lengths = pad_inputs(batch)
         dev = torch.device(device)
@@ -158,7 +187,7 @@ def evaluate(
         t_abs_s += float(np.abs(d_s).sum())
         t_sq_s += float((d_s**2).sum())
         last_items = item[lengths - 1, np.arange(len(batch))]
-        for b in bls:
+        for b in todo:
             acc[b.name].add(b.scores(last_items), targets[idx], negs[idx], k)
     enc.train(was_training)
 
@@ -174,8 +203,10 @@ def evaluate(
         "time_rmse_s": math.sqrt(t_sq_s / n),
     })
     margins: dict[str, float] = {}
+    for b in todo:
+        cache[bkey[b.name]] = acc[b.name].result(k)
     for b in bls:
-        out[b.name] = acc[b.name].result(k)
+        out[b.name] = copy.deepcopy(cache[bkey[b.name]])
         for proto, ms in out[b.name].items():
             for m, v in ms.items():
                 margins[f"{proto}_{m}_vs_{b.name}"] = out["model"][proto][m] / v if v > 0 else math.inf

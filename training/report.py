@@ -46,7 +46,7 @@ def _plots(out: Path, history: list[dict[str, Any]], k: int) -> list[str]:
 
 
 def _table(test: dict[str, Any], k: int) -> list[str]:
-    rows = ["| scorer | sampled HR@{k} | sampled NDCG@{k} | full HR@{k} | full NDCG@{k} | full MRR |".format(k=k),
+    rows = [f"| scorer | sampled HR@{k} | sampled NDCG@{k} | full HR@{k} | full NDCG@{k} | full MRR |",
             "|---|---|---|---|---|---|"]
     for who in ("model", "markov", "popularity"):
         if who not in test:

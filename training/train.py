@@ -26,7 +26,15 @@ from clickvec.features import N_GAP_BUCKETS
 from training.baselines import fit_baselines
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig
-from training.data import Batch, Split, bucket_batches, event_json_bytes, load_histories, make_split, synthetic_table
+from training.data import (
+    Batch,
+    Split,
+    bucket_batches,
+    event_json_bytes,
+    load_histories,
+    make_split,
+    synthetic_table,
+)
 from training.evaluate import evaluate, flat
 from training.model import Encoder, ModelConfig
 
@@ -199,6 +207,15 @@ def train(cfg: TrainConfig, source: Any = None) -> dict[str, Any]:
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
+    steps_per_epoch = len(split.train) // cfg.batch_size // world + 1
+    total_steps = max(1, cfg.epochs * steps_per_epoch)
+
+    def lr_factor(s: int) -> float:
+        warm = min(1.0, (s + 1) / max(1, cfg.warmup_steps))
+        if cfg.lr_schedule == "constant":
+            return warm
+        return warm * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, s / total_steps))))
+
     history: list[dict[str, Any]] = []
     best_score, best_epoch, bad_epochs, start_epoch, step = -1.0, -1, 0, 0, 0
     train_seconds, seqs_seen, events_seen = 0.0, 0, 0
@@ -231,6 +248,8 @@ def train(cfg: TrainConfig, source: Any = None) -> dict[str, Any]:
             tensors = _to(batch, device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 loss, parts = objective(*tensors)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * lr_factor(step)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
