@@ -47,6 +47,7 @@ def make_bundle(root: Path, n_items: int = N_ITEMS, seed: int = 0) -> Path:
     n_params = sum(p.numel() for p in model.parameters())
     save_checkpoint(root / "run" / "best.pt", model, spec, {"purpose": "benchmark", "params": n_params})
     export_bundle(root / "run", root / "bundle")
+    (root / "model.json").write_text(json.dumps({"params": n_params, "n_items": n_items}))
     return root / "bundle"
 
 

@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             b = load_bundle(bundle, providers="cpu")
             dims = b.manifest["dims"]
             model = {"dims": dims, "model_id": b.model_id,
-                     "params": json.loads((bundle / "manifest.json").read_text()).get("params"),
+                     "params": json.loads((work / "model.json").read_text())["params"],
                      "weights": "random (cost does not depend on them)"}
             del b
             events = make_events(n_events, n_users, seed=1)

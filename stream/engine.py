@@ -264,7 +264,7 @@ _VEC_FMT: dict[int, str] = {}
 
 
 def _json_head(user_id: str, model_id: str) -> str:
-    return '{"user_id":%s,"model_id":%s,' % (json.dumps(user_id), json.dumps(model_id))
+    return f'{{"user_id":{json.dumps(user_id)},"model_id":{json.dumps(model_id)},'
 
 
 _TOPIC_JSON: dict[str, str] = {}
@@ -275,7 +275,7 @@ def _json_source(rec: Record) -> str:
     t = _TOPIC_JSON.get(rec.topic)
     if t is None:
         t = _TOPIC_JSON[rec.topic] = json.dumps(rec.topic)[:-1]
-    return '%s[%d]@%d"' % (t, rec.partition, rec.offset)
+    return f'{t}[{rec.partition}]@{rec.offset}"'
 
 
 def _json_message(head: str, seq: int, event_ts: int, emit_ts: int, vector: list[float], surprise: float,
@@ -284,8 +284,9 @@ def _json_message(head: str, seq: int, event_ts: int, emit_ts: int, vector: list
     if fmt is None:
         fmt = _VEC_FMT[len(vector)] = ",".join(["%.9g"] * len(vector))
     s = repr(surprise) if math.isfinite(surprise) else json.dumps(surprise)  # json.dumps' float form
-    return ('%s"seq":%d,"event_ts":%d,"emit_ts":%d,"vector":[%s],"surprise":%s,"source":%s}' % (
-        head, seq, event_ts, emit_ts, fmt % tuple(vector), s, source_json)).encode()
+    vec = fmt % tuple(vector)
+    return (f'{head}"seq":{seq},"event_ts":{event_ts},"emit_ts":{emit_ts},"vector":[{vec}],'
+            f'"surprise":{s},"source":{source_json}}}').encode()
 
 
 def records_from(items: Iterable[tuple[bytes | None, bytes | None, int, int]], topic: str = "clicks") -> list[Record]:
