@@ -338,7 +338,7 @@ OUT_H = "h_out"  # float32 [L, B, H]
 OUT_C = "c_out"  # float32 [L, B, H]
 OUT_Z_SEQ = "z_seq"  # float32 [T, B, D] vector after each event (padding rows undefined)
 OUT_Z_LAST = "z_last"  # float32 [B, D] vector after each user's last event
-OUT_SURPRISE = "surprise"  # float32 [T, B] -log p(item_t | state before event t)
+OUT_SURPRISE = "surprise"  # float32 [T, B] -log p(item_t | z_{t-1}) - log p(event_type_t | z_{t-1})
 
 STEP_INPUTS = (IN_ITEM, IN_ETYPE, IN_GAP, IN_LENGTHS, IN_H, IN_C)
 STEP_OUTPUTS = (OUT_H, OUT_C, OUT_Z_SEQ, OUT_Z_LAST, OUT_SURPRISE)

@@ -12,6 +12,11 @@ What is planted, and who can see it:
 - Funnels view -> click -> cart -> purchase -> payment on the same item, amounts on
   purchase and payment; seconds between events in a session, hours to days between
   sessions; heavy-tailed (lognormal) events per user, at least 3.
+- Legitimate fast sessions (`burst_fraction` of the normal users, label "normal"):
+  one power-browsing session of 15-40 quick events (0.5-3 s apart) of views and clicks,
+  occasionally a cart, over popular items of the user's own most-touched categories,
+  placed inside one of the user's gaps between sessions. These are the hard negatives
+  of fraud alerting: an events-per-minute rule cannot tell them from the bursts below.
 - Anomalies (`anomaly_fraction` of users), labelled per event: `account_takeover` (a
   fast burst in categories the user never touched, ending in large purchases and
   payments) and `card_testing` (a fast burst of tiny payments on one item).
@@ -58,6 +63,7 @@ class SynthConfig:
     n_categories: int = 20
     seed: int = 0
     anomaly_fraction: float = 0.02
+    burst_fraction: float = 0.06  # normal users with one legitimate fast session
     mean_events: float = 30.0
     start_ms: int = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
@@ -316,6 +322,62 @@ def _anomalies(
     return {k: np.concatenate([ev[k], *cols[k]]) for k in ev}
 
 
+def _bursts(cfg: SynthConfig, cat: _Catalog, rng: np.random.Generator, ev: dict[str, np.ndarray]):
+    """Insert one legitimate fast session for `burst_fraction` of the normal users.
+
+    15-40 events 0.5-3 s apart: visits to popular items of the user's own top categories,
+    each a view, sometimes followed by a click on the same item, rarely then a cart
+    (funnel order kept). The session sits inside the user's longest gap before a session
+    start (so no other event moves), or after the last event for single-session users.
+    """
+    labels = ev["label"]
+    # The normal events are a prefix sorted by user; anomaly bursts are appended after.
+    u = ev["u"][: int((labels == 0).sum())]
+    n_b = int(round(cfg.burst_fraction * cfg.n_users))
+    anomalous = np.unique(ev["u"][labels != 0])
+    pool = np.setdiff1d(np.arange(cfg.n_users), anomalous)
+    if n_b <= 0 or pool.size == 0:
+        return ev
+    users = np.sort(rng.choice(pool, size=min(n_b, pool.size), replace=False))
+    starts = np.r_[0, np.flatnonzero(u[1:] != u[:-1]) + 1]
+    ends = np.r_[starts[1:], u.size]
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ev}
+    for user in users:
+        lo, hi = starts[user], ends[user]
+        items_u, ts_u, et_u, sess_u = ev["item"][lo:hi], ev["ts"][lo:hi], ev["et"][lo:hi], ev["sess"][lo:hi]
+        cats, counts = np.unique(cat.item_cat[items_u], return_counts=True)
+        own = cats[np.argsort(-counts, kind="stable")[:3]]
+        n_target = int(rng.integers(15, 41))
+        depth = np.minimum(rng.choice([0, 0, 0, 1, 1, 2], size=n_target), 2)
+        depth = depth[: int(np.searchsorted(np.cumsum(depth + 1), n_target) + 1)]
+        w = counts[np.argsort(-counts, kind="stable")[:3]].astype(np.float64)
+        vcat = own[rng.choice(own.size, size=depth.size, p=w / w.sum())]
+        vitem = _sample_items(cat, vcat, rng)
+        items = np.repeat(vitem, depth + 1)
+        et = np.arange(items.size) - np.repeat(np.cumsum(depth + 1) - (depth + 1), depth + 1)
+        gaps = rng.uniform(500.0, 3000.0, items.size).astype(np.int64)
+        gaps[0] = 0
+        span = int(gaps.sum())
+        # Candidate slots: gaps before a session start (stage 0, new session number).
+        new_sess = np.flatnonzero((et_u[1:] == 0) & (sess_u[1:] != sess_u[:-1])) + 1
+        room = ts_u[new_sess] - ts_u[new_sess - 1] if new_sess.size else np.zeros(0, np.int64)
+        fits = room > span + 20 * 60_000
+        if fits.any():
+            k = new_sess[np.flatnonzero(fits)[np.argmax(room[fits])]]
+            slack = int(ts_u[k] - ts_u[k - 1]) - span - 20 * 60_000
+            t0 = int(ts_u[k - 1]) + 10 * 60_000 + int(rng.integers(0, slack + 1))
+        else:
+            t0 = int(ts_u[-1]) + int(_lognormal_gaps_ms(rng, 1, 6 * 3600.0, 1.0)[0])
+        cols["u"].append(np.full(items.size, user))
+        cols["item"].append(items)
+        cols["et"].append(et.astype(np.int64))
+        cols["ts"].append(t0 + np.cumsum(gaps))
+        cols["amount"].append(np.full(items.size, np.nan))
+        cols["sess"].append(np.full(items.size, int(sess_u.max()) + 1))
+        cols["label"].append(np.zeros(items.size, dtype=np.int64))
+    return {k: np.concatenate([ev[k], *cols[k]]) for k in ev}
+
+
 def generate_table(cfg: SynthConfig) -> pa.Table:
     """The synthetic stream as a table, one row per event, sorted by ts then user_id.
 
@@ -325,6 +387,9 @@ def generate_table(cfg: SynthConfig) -> pa.Table:
     rng = np.random.default_rng(cfg.seed)
     cat = _catalog(cfg, rng)
     ev = _anomalies(cfg, cat, rng, _normal_events(cfg, cat, rng))
+    # Drawn after everything else, so the rest of the stream is the same for any
+    # burst_fraction (only the chosen users gain a session).
+    ev = _bursts(cfg, cat, rng, ev)
     # Sort by ts, then user (ids are zero-padded, so index order = string order), then
     # each user's own generation order (stable for equal timestamps).
     order = np.lexsort((np.arange(ev["u"].size), ev["u"], ev["ts"]))
@@ -396,6 +461,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--categories", type=int, default=SynthConfig.n_categories)
     ap.add_argument("--seed", type=int, default=SynthConfig.seed)
     ap.add_argument("--anomaly-fraction", type=float, default=SynthConfig.anomaly_fraction)
+    ap.add_argument("--burst-fraction", type=float, default=SynthConfig.burst_fraction,
+                    help="normal users with one legitimate fast session (hard negatives)")
     ap.add_argument("--mean-events", type=float, default=SynthConfig.mean_events)
     ap.add_argument(
         "--out", type=Path, default=Path("data/events.parquet"), help=".parquet, .jsonl or .csv"
@@ -410,6 +477,7 @@ def main(argv: list[str]) -> int:
         n_categories=args.categories,
         seed=args.seed,
         anomaly_fraction=args.anomaly_fraction,
+        burst_fraction=args.burst_fraction,
         mean_events=args.mean_events,
     )
     log.info("synth config: %s", asdict(cfg))

@@ -12,6 +12,11 @@ Semantics (equal to `Encoder.step` for equal lengths, see tests/test_export.py):
     z_last    = z_head(h[top])                                     (B, D)
     z_prev    = [z_head(h_in[top]), z_seq[:-1]]                    (T, B, D)
     surprise  = -log_softmax(item_proj(z_prev) @ item_emb^T + item_bias)[item_t]
+                -log_softmax(type_head(z_prev))[etype_t]                  (T, B)
+
+The surprise scores the whole observed event, item and event type, each with its own
+log-softmax: -log p(item_t | z_{t-1}) - log p(event_type_t | z_{t-1}). A payment right
+after a payment, or an item in a category the user never touched, are both improbable.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ def encoder_weights(model: Encoder) -> dict[str, np.ndarray]:
         "item_proj_wT": sd["item_proj.weight"].T,  # (D, Ei)
         "item_proj_b": sd["item_proj.bias"],  # (Ei,)
         "item_bias": sd["item_bias"],  # (N,)
+        "type_head_wT": sd["type_head.weight"].T,  # (D, Ne)
+        "type_head_b": sd["type_head.bias"],  # (Ne,)
     }
     for layer in range(cfg.layers):
         w_ih = sd[f"lstm.weight_ih_l{layer}"]  # (4H, in)
@@ -181,7 +188,14 @@ def build_step_graph(
     logits = node("Add", [node("MatMul", [query, emb_t], "logits_mm"), "item_bias"], "logits")
     logp = node("LogSoftmax", [logits], "logp", axis=-1)  # (T, B, N)
     picked = node("GatherElements", [logp, node("Unsqueeze", [IN_ITEM, axis2], "item_idx")], "logp_item", axis=2)
-    node("Neg", [node("Squeeze", [picked, axis2], "logp_item_sq")], OUT_SURPRISE)  # (T, B)
+    logp_item = node("Squeeze", [picked, axis2], "logp_item_sq")  # (T, B)
+    # The event type's own log-softmax from the same z_prev (the model's type head).
+    type_logits = node("Add", [node("MatMul", [z_prev, "type_head_wT"], "type_mm"), "type_head_b"], "type_logits")
+    logp_t = node("LogSoftmax", [type_logits], "logp_type_all", axis=-1)  # (T, B, Ne)
+    picked_t = node("GatherElements", [logp_t, node("Unsqueeze", [IN_ETYPE, axis2], "etype_idx")], "logp_type",
+                    axis=2)
+    logp_type = node("Squeeze", [picked_t, axis2], "logp_type_sq")  # (T, B)
+    node("Neg", [node("Add", [logp_item, logp_type], "logp_event")], OUT_SURPRISE)  # (T, B)
 
     D = cfg.z_dim
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32

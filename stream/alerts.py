@@ -7,12 +7,15 @@ updates the user's small state and scores the event with `AlertScorer`; when the
 crosses the threshold it publishes one alert JSON (key = user id), at most one per user
 per cooldown (event time), then commits the batch.
 
-The score adds three standardised, per-user smoothed signals:
-  surprise  the model's -log p(item) for the event (how unexpected it was),
+The score adds four standardised, per-user smoothed signals:
+  surprise  the model's -log p(item) - log p(event type) for the event (how unexpected
+            the whole event was), against the global baseline,
+  own       the same surprise against the user's own usual surprise (slow EWMA),
   movement  cosine distance between the user's previous and new vector,
   rate      the user's events in the last minute of event time (log scale).
 Each is standardised by running statistics over all messages seen, so one threshold
-fits any model. `evaluate_alerts` and `sweep` score the same code offline against the
+fits any model. Surprise carries the weight: legitimate fast sessions (power browsing in
+the user's own categories) are as fast as fraud but not surprising. `evaluate_alerts` and `sweep` score the same code offline against the
 synthetic labels; `rate_baseline_scores` is the events-per-minute rule it is compared to.
 
 Per-user state is in memory: a restart resumes from the committed offsets with fresh
@@ -55,16 +58,21 @@ DEFAULT_GROUP = "clickvec-alerts"
 
 @dataclass(frozen=True)
 class AlertConfig:
-    threshold: float = 2.5
+    threshold: float = 2.4
     cooldown_ms: int = 10 * 60_000  # at most one alert per user per this much event time
     alpha: float = 0.35  # per-user EWMA weight of the newest event
+    baseline_alpha: float = 0.1  # per-user slow EWMA: the user's own usual surprise
     rate_window_ms: int = 60_000
-    # The rate carries most of the weight: on the synthetic bursts it separates best;
-    # surprise and movement add model evidence without outvoting it.
-    w_surprise: float = 0.2
-    w_movement: float = 0.1
-    w_rate: float = 1.0
+    # Surprise carries most of the weight: it scores the whole event (item and type), so
+    # legitimate fast sessions in the user's own categories stay calm while card testing
+    # (payment after payment) and takeover (never-touched categories) light up. The
+    # rate only adds: on its own it cannot tell power browsing from fraud.
+    w_surprise: float = 1.0
+    w_own: float = 0.25
+    w_movement: float = 0.05
+    w_rate: float = 0.15
     min_events: int = 3  # a user's first events only warm its state up
+    warmup_messages: int = 50  # no alert before the global statistics have seen this many
     max_users: int = 1_000_000  # least recently seen users are forgotten beyond this
 
 
@@ -96,6 +104,8 @@ class UserAlertState:
     n: int = 0
     last_seq: int = 0
     e_surprise: float = 0.0
+    e_own: float = 0.0  # smoothed surprise above the user's own baseline (global std units)
+    base_surprise: float | None = None  # the user's own usual surprise (slow EWMA)
     e_movement: float = 0.0
     e_rate: float = 0.0
     last_vector: np.ndarray | None = None
@@ -121,7 +131,7 @@ class Scored:
     replay: bool = False  # a (user, seq) already scored: the vector topic is at-least-once
 
     def reason(self) -> str:
-        names = {"surprise": "surprising events", "movement": "behaviour vector shift",
+        names = {"surprise": "surprising events", "own": "unusual for this user", "movement": "behaviour vector shift",
                  "rate": "event burst"}
         top = sorted(self.parts.items(), key=lambda kv: -kv[1])
         return " + ".join(names[k] for k, v in top if v > 0.25 * max(1e-9, top[0][1])) or "combined"
@@ -165,7 +175,7 @@ class AlertScorer:
         if st.n > 0 and m.seq <= st.last_seq:
             self.replays += 1
             return Scored(m.user_id, m.seq, m.event_ts, 0.0, float(m.surprise), 0.0, len(st.times),
-                          {"surprise": 0.0, "movement": 0.0, "rate": 0.0}, False, m.source, m.model_id,
+                          {"surprise": 0.0, "own": 0.0, "movement": 0.0, "rate": 0.0}, False, m.source, m.model_id,
                           replay=True)
         st.last_seq = m.seq
         v = np.asarray(m.vector, dtype=np.float32)
@@ -189,22 +199,28 @@ class AlertScorer:
             self.movement_stats.update(movement)
         self.rate_stats.update(log_rate)
         a = cfg.alpha
-        if st.n == 0:
-            st.e_surprise, st.e_movement, st.e_rate = zs, zm, zr
-        else:
-            st.e_surprise = a * zs + (1 - a) * st.e_surprise
-            st.e_movement = a * zm + (1 - a) * st.e_movement
-            # The rate is already a window over recent events: no extra smoothing.
-            st.e_rate = zr
+        base = self.surprise_stats.mean if st.base_surprise is None else st.base_surprise
+        zo = (surprise - base) / self.surprise_stats.std
+        # A new user's smoothed signals start at the population's norm (0), so a single
+        # event never carries its full weight.
+        st.e_surprise = a * zs + (1 - a) * st.e_surprise
+        st.e_own = a * zo + (1 - a) * st.e_own
+        st.e_movement = a * zm + (1 - a) * st.e_movement
+        # The rate is already a window over recent events: no extra smoothing.
+        st.e_rate = zr
+        b = cfg.baseline_alpha
+        st.base_surprise = surprise if st.base_surprise is None else b * surprise + (1 - b) * st.base_surprise
         st.n += 1
         parts = {
             "surprise": cfg.w_surprise * max(0.0, st.e_surprise),
+            "own": cfg.w_own * max(0.0, st.e_own),
             "movement": cfg.w_movement * max(0.0, st.e_movement),
             "rate": cfg.w_rate * max(0.0, st.e_rate),
         }
         total = sum(parts.values())
         alert = (
             st.n >= cfg.min_events
+            and self.surprise_stats.n >= cfg.warmup_messages
             and total >= cfg.threshold
             and (st.last_alert_ts is None or m.event_ts - st.last_alert_ts >= cfg.cooldown_ms)
         )
@@ -351,7 +367,11 @@ def compare_with_rate_baseline(messages: Sequence[VectorMessage], labels: Any,
     det = sweep(ScoreSeries.of((r.user_id, r.event_ts, r.score) for r in scored if not r.replay), lab, cfg.cooldown_ms,
                 cfg.min_events)
     base = sweep(rate_baseline_series(messages, cfg.rate_window_ms), lab, cfg.cooldown_ms)
-    levels = sorted({round(op["recall"], 4), *recalls})
+    # The operating threshold is a point of the detector's curve too (the sweep's
+    # quantile thresholds may step over it); exact recall values, no rounding up.
+    det.append({"threshold": cfg.threshold, "precision": op["precision"], "recall": op["recall"],
+                "alerts": op["alerts"]})
+    levels = sorted({float(op["recall"]), *recalls})
     return {
         "operating": op,
         "threshold": cfg.threshold,

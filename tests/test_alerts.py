@@ -45,7 +45,9 @@ def table_events(table: pa.Table) -> list[ClickEvent]:
 
 def train_tiny_bundle(train: pa.Table, catalogue: Sequence[str], out: Path, steps: int = 400,
                       seed: int = 0, max_len: int = 48, batch: int = 64) -> Path:
-    """A small encoder trained on next-item cross-entropy (~10 s on 2 cores), exported."""
+    """A small encoder trained on next-item and next-event-type cross-entropy (~10 s on
+    2 cores), exported. The type head is trained because the surprise scores the event
+    type too."""
     import torch
     import torch.nn.functional as F
 
@@ -82,7 +84,11 @@ def train_tiny_bundle(train: pa.Table, catalogue: Sequence[str], out: Path, step
         xt = torch.from_numpy(x)
         y, _ = model.hidden_seq(xt[0], xt[1], xt[2])  # (T, B, H)
         logits = model.item_logits(model.z(y[:-1]))  # (T-1, B, N)
+        zp = model.z(y[:-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), xt[0, 1:].reshape(-1), ignore_index=0)
+        type_logits = model.type_head(zp)
+        loss = loss + F.cross_entropy(type_logits.reshape(-1, type_logits.shape[-1]), xt[1, 1:].reshape(-1),
+                                      ignore_index=0)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -101,6 +107,39 @@ def trained_setup(tmp: Path) -> tuple[Path, pa.Table]:
     held = full.filter(pc.greater_equal(uid, EVAL_FROM))
     catalogue = sorted(set(full.column("item_id").to_pylist()))
     return train_tiny_bundle(train, catalogue, tmp), held
+
+
+def offline_vectors(bundle_path: Path, table: pa.Table, batch: int = 256) -> list[VectorMessage]:
+    """The vector messages the stream publishes for `table` (stream = offline, proven by
+    the export and stream tests), computed offline with the bundle: one step call per
+    batch of users over their whole sequences. In (event_ts, user, seq) order."""
+    from clickvec.bundle import load_bundle
+
+    b = load_bundle(bundle_path, providers="cpu")
+    hist: dict[str, tuple[list, list, list]] = {}
+    for u, i, t, s in zip(*(table.column(c).to_pylist() for c in ("user_id", "item_id", "event_type", "ts")),
+                          strict=True):
+        h = hist.setdefault(u, ([], [], []))
+        h[0].append(i)
+        h[1].append(t)
+        h[2].append(s)
+    users = sorted(hist)
+    out: list[VectorMessage] = []
+    for k in range(0, len(users), batch):
+        chunk = users[k:k + batch]
+        seqs = [b.spec.encode_sequence(*hist[u]) for u in chunk]
+        T = max(len(s) for s in seqs)
+        x = np.zeros((3, T, len(chunk)), np.int64)
+        for j, s in enumerate(seqs):
+            x[:, :len(s), j] = s.T
+        h, c = b.zero_state(len(chunk))
+        _, _, z_seq, _, surprise = b.step(x[0], x[1], x[2], np.array([len(s) for s in seqs], np.int32), h, c)
+        for j, u in enumerate(chunk):
+            for n, ts in enumerate(hist[u][2]):
+                out.append(VectorMessage(u, b.model_id, n + 1, int(ts), int(ts), z_seq[n, j].tolist(),
+                                         float(surprise[n, j]), f"offline@{n + 1}"))
+    out.sort(key=lambda m: (m.event_ts, m.user_id, m.seq))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +278,26 @@ def test_alerts_end_to_end(kafka_bootstrap, new_topic, new_group, trained, tmp_p
     print("precision at matched recall:", json.dumps(cmp["precision_at_recall"]))
     op = f"{cmp['operating_recall']:.3f}"
     det, base = (cmp["precision_at_recall"][op][k] for k in ("detector", "rate_baseline"))
-    # On this synthetic data every planted anomaly is a burst far faster than any normal
-    # session, so the rule is already perfect (precision 1.0 at recall 1.0) and cannot be
-    # beaten; the detector is held to staying close to it while carrying model evidence.
-    assert det >= base - 0.1, cmp
+    print(f"at recall {op}: detector precision {det:.3f}, events-per-minute rule precision {base:.3f}")
+    # The held-out users include legitimate fast sessions (synth burst_fraction), so the
+    # rate rule pays in precision; the model's surprise tells them apart.
+    assert cmp["operating_recall"] >= 0.8 and det > base, cmp
+
+
+def test_detector_beats_rate_rule_on_held_out_users(trained):
+    """Acceptance: on held-out users with planted fraud and legitimate fast sessions, the
+    alert scorer beats the events-per-minute rule in precision at equal recall."""
+    bundle_path, held = trained
+    msgs = offline_vectors(bundle_path, held)
+    cmp = compare_with_rate_baseline(msgs, held)
+    op = f"{cmp['operating_recall']:.3f}"
+    det, base = (cmp["precision_at_recall"][op][k] for k in ("detector", "rate_baseline"))
+    print("operating point:", json.dumps(cmp["operating"]))
+    print("precision at matched recall:", json.dumps(cmp["precision_at_recall"]))
+    print(f"at recall {op}: detector precision {det:.3f}, events-per-minute rule precision {base:.3f}")
+    assert cmp["operating"]["anomalous_users"] >= 10
+    # The hard negatives are there: normal users' fast sessions cost the rule precision.
+    assert cmp["precision_at_recall"]["1.000"]["rate_baseline"] < 0.8, cmp
+    assert cmp["operating_recall"] >= 0.8, cmp
+    assert det > base, cmp
+    assert cmp["operating"]["precision"] >= 0.6, cmp

@@ -260,3 +260,26 @@ def test_loader_runs_without_torch(bundle_dir, sequences):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"OK ({len(sequences[0])}, 8) [] []" in r.stdout
+
+
+def test_surprise_scores_item_and_event_type(spec):
+    """surprise = -log p(item_t | z_{t-1}) - log p(event_type_t | z_{t-1}) in the torch
+    reference; the graph's parity with it is checked above."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = Encoder(ModelConfig(spec.n_items, spec.n_event_types, spec.n_gap_buckets, item_dim=8,
+                                type_dim=4, gap_dim=4, hidden=16, z_dim=8)).eval()
+    item = torch.tensor([[3, 4], [5, 3], [3, 6]])
+    etype = torch.tensor([[2, 3], [4, 2], [6, 6]])
+    gap = torch.ones_like(item)
+    h0, c0 = model.zero_state(2)
+    _, _, z_seq, surprise = model.step(item, etype, gap, h0, c0)
+    z_prev = torch.cat([model.z(h0[-1]).unsqueeze(0), z_seq[:-1]])
+    want = -(F.log_softmax(model.item_logits(z_prev), -1).gather(-1, item[..., None])[..., 0]
+             + F.log_softmax(model.type_head(z_prev), -1).gather(-1, etype[..., None])[..., 0])
+    assert torch.allclose(surprise, want, atol=1e-6)
+    # Same item, another event type at t = 0: the surprise moves by the type term alone.
+    _, _, _, other = model.step(item, torch.tensor([[3, 2], [4, 2], [6, 6]]), gap, h0, c0)
+    lt = F.log_softmax(model.type_head(model.z(h0[-1])), -1)
+    assert torch.allclose(other[0, 0] - surprise[0, 0], lt[0, 2] - lt[0, 3], atol=1e-6)

@@ -196,3 +196,45 @@ def test_history_beats_markov():
     hr = _sampled_hr10(SynthConfig(n_users=2000, n_items=600, seed=11, anomaly_fraction=0.0))
     assert hr["markov"] > hr["pop"]  # the item-to-item signal is there, but moderate
     assert hr["oracle"] > 1.5 * hr["markov"], hr
+
+
+def _max_events_per_minute(users: np.ndarray, ts: np.ndarray) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for u in np.unique(users):
+        t = ts[users == u]
+        out[str(u)] = int((np.searchsorted(t, t + 60_000) - np.arange(t.size)).max())
+    return out
+
+
+def test_legitimate_fast_sessions_are_hard_negatives():
+    """Some normal users have bursts as fast as the fraud ones (an events-per-minute rule
+    cannot separate them), in their own categories, funnel order kept; the rest of the
+    stream is unchanged by them."""
+    cfg = SynthConfig(n_users=600, n_items=300, n_categories=12, seed=4, anomaly_fraction=0.05)
+    t = generate_table(cfg)
+    t0 = generate_table(SynthConfig(**{**cfg.__dict__, "burst_fraction": 0.0}))
+    users = np.asarray(t.column("user_id").to_pylist())
+    ts = t.column("ts").to_numpy()
+    labels = np.asarray(t.column("label").to_pylist())
+    rate = _max_events_per_minute(users, ts)
+    anomalous = set(users[labels != "normal"])
+    fast_normal = [u for u, r in rate.items() if u not in anomalous and r >= 15]
+    assert abs(len(fast_normal) - round(cfg.burst_fraction * cfg.n_users)) <= 2
+    assert min(rate[u] for u in anomalous) <= max(rate[u] for u in fast_normal)
+    rate0 = _max_events_per_minute(np.asarray(t0.column("user_id").to_pylist()), t0.column("ts").to_numpy())
+    assert max(r for u, r in rate0.items() if u not in anomalous) <= 12  # only the bursts are fast
+    # Everything else is the same stream: the burst events are extra rows.
+    assert t.num_rows > t0.num_rows
+    key = ("user_id", "ts", "item_id", "event_type")
+    rows = set(zip(*(t.column(k).to_pylist() for k in key), strict=True))
+    assert set(zip(*(t0.column(k).to_pylist() for k in key), strict=True)) <= rows
+    cats = np.asarray(t.column("category").to_pylist())
+    et = np.asarray(t.column("event_type").to_pylist())
+    base = set(zip(*(t0.column(k).to_pylist() for k in ("user_id", "ts")), strict=True))
+    for u in fast_normal:
+        mine = users == u
+        extra = mine & np.array([(u, x) not in base for x in ts.tolist()])
+        assert 15 <= extra.sum() <= 42
+        assert set(et[extra]) <= {"view", "click", "cart"}
+        assert set(cats[extra]) <= set(cats[mine & ~extra])
+        assert np.median(np.diff(ts[extra])) <= 3000

@@ -109,11 +109,15 @@ class Encoder(nn.Module):
         """Reference semantics of the exported step graph for equal-length batches.
 
         (T, B) inputs, (L, B, H) state -> h, c, z after each event (T, B, D),
-        surprise (T, B) = -log p(item_t | state before event t).
+        surprise (T, B) = -log p(item_t | z_{t-1}) - log p(event_type_t | z_{t-1}), the
+        whole observed event scored from the vector before it (item logits and the type
+        head, each with its own log-softmax).
         """
         y, (h, c) = self.hidden_seq(item, etype, gap, (h0, c0))
         z_seq = self.z(y)
         z_prev = torch.cat([self.z(h0[-1]).unsqueeze(0), z_seq[:-1]], dim=0)
         logp = F.log_softmax(self.item_logits(z_prev), dim=-1)
-        surprise = -logp.gather(-1, item.unsqueeze(-1)).squeeze(-1)
+        logp_type = F.log_softmax(self.type_head(z_prev), dim=-1)
+        surprise = -(logp.gather(-1, item.unsqueeze(-1)).squeeze(-1)
+                     + logp_type.gather(-1, etype.unsqueeze(-1)).squeeze(-1))
         return h, c, z_seq, surprise
