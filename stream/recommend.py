@@ -25,7 +25,13 @@ from typing import Any
 import numpy as np
 
 from clickvec.contract import VectorMessage
-from stream.consumer_base import Record, VectorConsumer, add_loop_arguments, loop_config, write_summary
+from stream.consumer_base import (
+    Record,
+    VectorConsumer,
+    add_loop_arguments,
+    loop_config,
+    write_summary,
+)
 
 log = logging.getLogger(__name__)
 

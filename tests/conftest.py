@@ -96,3 +96,30 @@ def stream_bundle_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_checkpoint(d / "run" / "best.pt", model, spec, {"purpose": "stream tests"})
     export_bundle(d / "run", d / "bundle")
     return d / "bundle"
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """(bundle trained on some users' normal events, held-out table with planted fraud),
+    shared by the alerting and recommendation tests: trained once per session."""
+    from test_alerts import trained_setup
+
+    return trained_setup(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="session")
+def streamed_held(kafka_bootstrap: str, trained, tmp_path_factory: pytest.TempPathFactory):
+    """The real worker run once over the held-out events: (vector topic, vectors)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+    from test_alerts import stream_vectors, table_events
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+
+    def topic(partitions: int = 4, name_prefix: str = "t") -> str:
+        name = f"{name_prefix}-{uuid.uuid4().hex}"
+        admin.create_topics([NewTopic(name, num_partitions=partitions)])[name].result(30)
+        return name
+
+    bundle_path, held = trained
+    return stream_vectors(kafka_bootstrap, topic, lambda: f"g-{uuid.uuid4().hex}", bundle_path,
+                          table_events(held), tmp_path_factory.mktemp("held-stream"))

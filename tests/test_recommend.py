@@ -7,15 +7,10 @@ import json
 import numpy as np
 import pytest
 from stream_util import TopicReader, wait_for
-from test_alerts import committed_equals_end, run_cli, stream_vectors, table_events, trained_setup
+from test_alerts import committed_equals_end, run_cli, table_events
 
 from clickvec.bundle import load_bundle
 from stream.recommend import ItemIndex
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return trained_setup(tmp_path_factory.mktemp("trained"))
 
 
 def test_ann_index_agrees_with_exact(trained):
@@ -35,13 +30,13 @@ def test_ann_index_agrees_with_exact(trained):
 
 @pytest.mark.broker
 @pytest.mark.slow
-def test_recommend_end_to_end(kafka_bootstrap, new_topic, new_group, trained, tmp_path):
+def test_recommend_end_to_end(kafka_bootstrap, new_topic, new_group, trained, streamed_held, tmp_path):
     bundle_path, held = trained
     events = table_events(held)
     from clickvec.eventfile import write_events
 
     events_file = write_events(held, tmp_path / "events.parquet")
-    vec, vectors = stream_vectors(kafka_bootstrap, new_topic, new_group, bundle_path, events, tmp_path)
+    vec, vectors = streamed_held
     catalogue = set(load_bundle(bundle_path, providers="cpu", warmup=False).spec.items)
     out = new_topic(4, "recs")
     group = new_group()
