@@ -5,6 +5,7 @@ Built by `build_app(cfg)`; `stream.cli` runs it under a Faust Worker.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ class TableStore(StateStore):
 
     def __init__(self, table: Any) -> None:
         self.table = table
+        self._pending: list[Any] = []
 
     def get(self, user_id: str, record: Record) -> bytes | None:
         token = _current_event.set(weakref.ref(record.handle))
@@ -42,11 +44,24 @@ class TableStore(StateStore):
             _current_event.reset(token)
 
     def put(self, user_id: str, value: bytes, record: Record) -> None:
+        """Write RocksDB and queue the changelog record; `flush` waits for the brokers.
+
+        Faust's own `table[key] = value` queues the changelog record in a buffer whose
+        flush gives up after 0.1 s, so offsets could be committed (or the group left)
+        before the state reached the changelog; we keep the record's future instead."""
         token = _current_event.set(weakref.ref(record.handle))
         try:
-            self.table[user_id.encode()] = value
+            key = user_id.encode()
+            self.table.data[key] = value
+            self._pending.append(self.table.send_changelog(record.partition, key, value))
         finally:
             _current_event.reset(token)
+
+    async def flush(self) -> None:
+        """Wait until every changelog record written so far is acknowledged."""
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
 
 
 def ensure_topics(cfg: StreamConfig) -> int:
@@ -139,6 +154,9 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
             await sink.deliver()
             # Outputs are on the brokers: only now may the states say these events are applied.
             engine.commit_states(result, store)
+            # The batch's events are acked (and later committed) only once their states
+            # are on the changelog: a worker that takes the partitions over recovers them.
+            await store.flush()
             now = time.time()
             metrics.events_in.inc(len(records))
             metrics.events_applied.inc(result.applied)
