@@ -12,6 +12,8 @@ import signal
 
 from confluent_kafka import Consumer, Producer
 
+from clickvec.kafkaconf import produce_waiting
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,12 +45,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             key = m.key()
             value = b'{"user_id":"%s","source":"%s[%d]@%d"}' % (key, m.topic().encode(), m.partition(), m.offset())
-            while True:
-                try:
-                    out.produce(a.out_topic, value=value, key=key)
-                    break
-                except BufferError:
-                    out.poll(0.01)
+            produce_waiting(out, a.out_topic, key, value, wait=0.01)
         out.poll(0)
     out.flush(10)
     c.close()

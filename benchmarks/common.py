@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from clickvec.kafkaconf import produce_waiting
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -131,12 +133,7 @@ class Sender:
                         time.sleep(min(due - now, 0.002))
                 if duration is not None and now - t0 > duration:
                     break
-            while True:
-                try:
-                    self.p.produce(self.topic, value=v, key=k, on_delivery=self._cb(time.time()))
-                    break
-                except BufferError:
-                    self.p.poll(0.01)
+            produce_waiting(self.p, self.topic, k, v, self._cb(time.time()), wait=0.01)
             n += 1
             if n % 200 == 0:
                 self.p.poll(0)

@@ -57,3 +57,14 @@ def kafka_client_config(args: argparse.Namespace) -> dict[str, Any]:
     if cafile:
         conf["ssl.ca.location"] = cafile
     return conf
+
+
+def produce_waiting(producer: Any, topic: str, key: bytes | None, value: bytes | None,
+                    on_delivery: Any = None, wait: float = 0.05) -> None:
+    """`producer.produce`, waiting for deliveries to drain while its local queue is full."""
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+            return
+        except BufferError:
+            producer.poll(wait)

@@ -45,7 +45,7 @@ from typing import Any
 from clickvec import __version__
 from clickvec.contract import ClickvecError, DeadLetter, VectorMessage
 from clickvec.dashboard import LatencyHistogram, Screen, Snapshot, percentiles
-from clickvec.kafkaconf import add_kafka_arguments, kafka_client_config
+from clickvec.kafkaconf import add_kafka_arguments, kafka_client_config, produce_waiting
 
 log = logging.getLogger(__name__)
 
@@ -476,12 +476,7 @@ class LiveProducer(threading.Thread):
                 if self.stop_event.is_set():
                     break
                 bucket.take()
-                while True:
-                    try:
-                        producer.produce(self.topic, value=value, key=key, on_delivery=on_delivery)
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
+                produce_waiting(producer, self.topic, key, value, on_delivery)
                 self.sent += 1
                 producer.poll(0)
         finally:

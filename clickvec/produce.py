@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from clickvec.contract import DEFAULT_IN_TOPIC, ClickEvent, ClickvecError
-from clickvec.kafkaconf import add_kafka_arguments, kafka_client_config
+from clickvec.kafkaconf import add_kafka_arguments, kafka_client_config, produce_waiting
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,7 @@ def produce_records(
         for key, value in records:
             if bucket is not None:
                 bucket.take()
-            while True:
-                try:
-                    producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-                    break
-                except BufferError:  # local queue full: let deliveries drain
-                    producer.poll(0.05)
+            produce_waiting(producer, topic, key, value, on_delivery)
             sent += 1
             if sent % 1000 == 0:
                 producer.poll(0)

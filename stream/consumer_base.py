@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from clickvec.contract import ClickvecError, VectorMessage
-from clickvec.kafkaconf import add_kafka_arguments, kafka_client_config
+from clickvec.kafkaconf import add_kafka_arguments, kafka_client_config, produce_waiting
 
 log = logging.getLogger(__name__)
 
@@ -172,12 +172,7 @@ class VectorConsumer:
                 self.stats.decoded += len(decoded)
                 out = self.handler(decoded) if decoded else []
                 for key, value in out:
-                    while True:
-                        try:
-                            producer.produce(cfg.out_topic, value=value, key=key, on_delivery=on_delivery)
-                            break
-                        except BufferError:
-                            producer.poll(0.05)
+                    produce_waiting(producer, cfg.out_topic, key, value, on_delivery)
                 remaining = producer.flush(30)
                 if errors or remaining:
                     raise ConsumerError(

@@ -10,6 +10,7 @@ from typing import Any
 from confluent_kafka import KafkaError, Producer
 
 from clickvec.contract import ClickvecError
+from clickvec.kafkaconf import produce_waiting
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,11 @@ class Sink:
         if err is not None:
             self._errors.append(f"{msg.topic()}: {err}")
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
-                return
-            except BufferError:
-                self.producer.poll(0.05)
-
     def send(self, outputs: list[tuple[bytes, bytes]], dead: list[tuple[bytes | None, bytes, str]]) -> None:
         for key, value in outputs:
-            self._produce(self.out_topic, key, value)
+            produce_waiting(self.producer, self.out_topic, key, value, self._on_delivery)
         for key, value, _ in dead:
-            self._produce(self.dlq_topic, key, value)
+            produce_waiting(self.producer, self.dlq_topic, key, value, self._on_delivery)
         self.producer.poll(0)
 
     async def deliver(self, timeout: float = 30.0) -> None:
