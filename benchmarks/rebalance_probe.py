@@ -78,8 +78,10 @@ def one_run(bootstrap: str, bundle_path: Path, events, tmp: Path) -> dict:
                 missing += 1
             elif any(float(np.abs(np.asarray(m.vector, np.float32) - z[n - 1]).max()) > 1e-5 for m in msgs):
                 wrong += 1
+    holes = sum(f.read_text(errors="replace").count("were not delivered by the consumer")
+                for f in (tmp / "a.log", tmp / "b.log") if f.exists())
     return {"events": len(events), "distinct_vectors": log.distinct(), "missing": missing, "wrong": wrong,
-            "ok": missing == 0 and wrong == 0}
+            "holes_filled": holes, "ok": missing == 0 and wrong == 0}
 
 
 def main() -> int:

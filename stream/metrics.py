@@ -15,6 +15,8 @@ class Metrics:
         self.vectors_out = Counter("clickvec_vectors_out", "vector messages published", registry=r)
         self.replayed = Counter("clickvec_events_skipped_replay",
                                 "events skipped because the state already holds them", registry=r)
+        self.gap_filled = Counter("clickvec_events_gap_filled",
+                                  "events the consumer skipped over, read back from the brokers", registry=r)
         self.dead = Counter("clickvec_events_dead_lettered", "messages sent to the dead-letter topic",
                             ["reason"], registry=r)
         self.state_resets = Counter("clickvec_state_resets", "user states reset for a new model", registry=r)

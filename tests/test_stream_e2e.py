@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections import Counter
 
 import numpy as np
@@ -128,6 +131,70 @@ def test_crash_twice_nothing_lost_nothing_twice(kafka_bootstrap, new_topic, new_
     stats.update(_final_states(kafka_bootstrap, group, bundle, events))
     stats["duplicates_published"] = log.total - log.distinct()
     print("crash x2:", stats)
+
+
+def _applied(port_url: str) -> float:
+    body = urllib.request.urlopen(port_url, timeout=5).read().decode()
+    for line in body.splitlines():
+        if line.startswith("clickvec_events_applied_total"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _readiness(w: WorkerProcess) -> dict:
+    port = w.cmd[w.cmd.index("--web-port") + 1]
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:  # 503 while starting or rebalancing
+        return json.loads(e.read())
+    except OSError:
+        return {}
+
+
+def _wait_shared(a: WorkerProcess, b: WorkerProcess, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ra, rb = _readiness(a), _readiness(b)
+        if ra.get("ready") and rb.get("ready") and ra.get("partitions") and rb.get("partitions"):
+            return
+        assert a.alive() and b.alive(), a.log_tail() + b.log_tail()
+        time.sleep(0.5)
+    raise AssertionError(f"the partitions were not shared by both workers within {timeout}s: {ra} {rb}")
+
+
+def test_two_workers_one_leaves(kafka_bootstrap, new_topic, new_group, stream_bundle_path, bundle, tmp_path):
+    events = _events(1000, 12_000, seed=13)
+    src, out, dlq = _topics(new_topic)
+    group = new_group()
+    a = WorkerProcess(kafka_bootstrap, stream_bundle_path, src, out, dlq, group, tmp_path / "a",
+                      tmp_path / "a.log").start()
+    b = WorkerProcess(kafka_bootstrap, stream_bundle_path, src, out, dlq, group, tmp_path / "b",
+                      tmp_path / "b.log").start()
+    producer = threading.Thread(target=produce_events, args=(events, kafka_bootstrap, src),
+                                kwargs={"rate": 1000.0}, daemon=True)
+    reader = TopicReader(kafka_bootstrap, out)
+    b_port = b.cmd[b.cmd.index("--web-port") + 1]
+    try:
+        _wait_shared(a, b)  # both in the group, the partitions split between them
+        producer.start()
+        wait_for(reader, lambda m: _progress(m) >= 0.4 * len(events), 150, [a, b])
+        b_applied = _applied(f"http://127.0.0.1:{b_port}/metrics")
+        assert b.stop() == 0, b.log_tail()  # leaves the group mid-stream
+        producer.join(60)
+        wait_for(reader, lambda m: _progress(m) >= len(events), 180, [a])
+        reader.poll(1.0)
+    finally:
+        a.stop()
+        b.stop()
+        reader.close()
+    assert b_applied > 0, "the second worker never got a partition"
+    stats = check_vectors(bundle, events, VectorLog.of(reader.messages))
+    stats.update(_final_states(kafka_bootstrap, group, bundle, events))
+    stats["applied_by_b_before_leaving"] = b_applied
+    stats["holes_filled"] = sum(w.log_path.read_text(errors="replace").count("were not delivered by the consumer")
+                                for w in (a, b))
+    print("two workers:", stats)
 
 
 BAD = [

@@ -1,0 +1,159 @@
+"""Offset continuity of the input partitions: no event is skipped over.
+
+Faust can lose fetched messages across a rebalance: records fetched under one consumer
+generation are dropped when the generation changes, but the fetch position has already
+moved past them, and nothing seeks back (see faust `Consumer.getmany` and the generation
+check in `Stream`). The events after such a hole would then be applied onto a state that
+misses the events in the hole, and the events in the hole, if they ever come back, look
+like replays: the vectors of that user are wrong from then on.
+
+`Continuity` keeps, per input partition, the next offset this worker must apply. Before a
+batch is processed it finds every hole (a record whose offset is beyond the expected
+one) and reads the missing records straight from the brokers, with a consumer outside
+the group, so the batch is applied without holes. After each rebalance the expected
+offset of a partition starts again at the group's committed offset: everything below it
+was applied (offsets are committed only after states reach the changelog), everything
+from it on is either in this batch, in a hole we fill, or a replay the engine skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from confluent_kafka import OFFSET_INVALID, Consumer, TopicPartition
+
+from stream.engine import Record
+
+log = logging.getLogger(__name__)
+
+
+class GapError(RuntimeError):
+    """The records of a hole could not be read back within the time allowed. The worker
+    stops without acking the batch, so the events come back after a restart."""
+
+
+def find_holes(records: Sequence[Record], expected: dict[int, int]) -> list[tuple[int, int, int]]:
+    """Holes in `records` given the next expected offset per partition.
+
+    Returns (index, partition, start) for each record at `index` whose offset is beyond
+    the expected one: offsets [start, records[index].offset) are missing before it.
+    Updates `expected` past every record; partitions missing from it are not checked
+    (the first record of an unknown partition sets its expectation)."""
+    holes: list[tuple[int, int, int]] = []
+    for i, rec in enumerate(records):
+        want = expected.get(rec.partition)
+        if want is not None and rec.offset > want:
+            holes.append((i, rec.partition, want))
+        if want is None or rec.offset >= want:
+            expected[rec.partition] = rec.offset + 1
+    return holes
+
+
+class Continuity:
+    """Fills the holes of each batch from the brokers (see the module docstring).
+
+    `on_filled(partition, start, end)` is told about each filled range [start, end), so
+    the consumer can count those offsets as done when it commits."""
+
+    def __init__(self, conf: dict[str, Any], topic: str, group: str,
+                 on_filled: Callable[[int, int, int], Awaitable[None]] | None = None,
+                 timeout: float = 60.0) -> None:
+        self.topic = topic
+        self.timeout = timeout
+        self.on_filled = on_filled
+        self.expected: dict[int, int] = {}
+        self.generation: int | None = None
+        self.filled = 0  # records read back into batches, in total
+        self._conf = {**conf, "group.id": group, "enable.auto.commit": False,
+                      "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
+                      "enable.partition.eof": True}
+        self._consumer: Consumer | None = None
+
+    def _client(self) -> Consumer:
+        if self._consumer is None:
+            self._consumer = Consumer(self._conf)
+        return self._consumer
+
+    def _start_offsets(self, partitions: list[int]) -> dict[int, int]:
+        """The group's committed offset of each partition (the low watermark if none)."""
+        c = self._client()
+        out: dict[int, int] = {}
+        for tp in c.committed([TopicPartition(self.topic, p) for p in partitions], timeout=self.timeout):
+            if tp.error is not None:
+                raise GapError(f"committed offset of {self.topic}[{tp.partition}]: {tp.error}")
+            off = tp.offset
+            if off == OFFSET_INVALID or off < 0:
+                off = c.get_watermark_offsets(TopicPartition(self.topic, tp.partition), timeout=self.timeout)[0]
+            out[tp.partition] = off
+        return out
+
+    def _read(self, partition: int, start: int, end: int) -> list[Record]:
+        """Records of [start, end) of one partition (fewer where the log has none)."""
+        c = self._client()
+        tp = TopicPartition(self.topic, partition, start)
+        c.assign([tp])
+        got: list[Record] = []
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                pos = c.position([TopicPartition(self.topic, partition)])[0].offset
+                if got and got[-1].offset >= end - 1 or pos >= end:
+                    break
+                if time.monotonic() > deadline:
+                    raise GapError(f"{self.topic}[{partition}] offsets {start}..{end - 1}: read "
+                                   f"{len(got)} records in {self.timeout}s")
+                for m in c.consume(num_messages=1000, timeout=0.5):
+                    if m.error() is not None:
+                        if m.error().code() == -191:  # _PARTITION_EOF: the log ends before `end`
+                            raise GapError(f"{self.topic}[{partition}] ends at {m.offset()} before {end}")
+                        raise GapError(f"{self.topic}[{partition}]: {m.error()}")
+                    if start <= m.offset() < end:
+                        got.append(Record(m.key(), m.value(), self.topic, partition, m.offset()))
+        finally:
+            c.unassign()
+        return got
+
+    async def complete(self, records: list[Record], generation: int) -> list[Record]:
+        """`records` with every hole filled in, in offset order per partition.
+
+        A filled record borrows the Faust event of the record after its hole as its
+        handle: the state store only uses it to pick the record's partition."""
+        loop = asyncio.get_running_loop()
+        if generation != self.generation:
+            self.expected = {}
+            self.generation = generation
+        new = sorted({r.partition for r in records} - set(self.expected))
+        if new:
+            starts = await loop.run_in_executor(None, self._start_offsets, new)
+            for p in new:
+                first = min(r.offset for r in records if r.partition == p)
+                # Below the committed offset everything was applied; from it on, fill.
+                self.expected[p] = min(starts[p], first)
+        holes = find_holes(records, self.expected)
+        if not holes:
+            return records
+        out: list[Record] = []
+        prev = 0
+        for index, partition, start in holes:
+            at = records[index]
+            fill = await loop.run_in_executor(None, self._read, partition, start, at.offset)
+            fill = [Record(r.key, r.value, r.topic, r.partition, r.offset, at.handle) for r in fill]
+            log.warning("%s[%d]: offsets %d..%d were not delivered by the consumer; read %d back from the "
+                        "brokers", self.topic, partition, start, at.offset - 1, len(fill))
+            out.extend(records[prev:index])
+            out.extend(fill)
+            prev = index
+            self.filled += len(fill)
+            if self.on_filled is not None:
+                await self.on_filled(partition, start, at.offset)
+        out.extend(records[prev:])
+        return out
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
