@@ -78,7 +78,7 @@ def _topics(bootstrap: str, partitions: int) -> tuple[str, str]:
 
 
 def backlog_run(name: str, events: list[tuple[bytes, bytes]], ctx: dict[str, Any], cap_s: float,
-                max_batch: int = 1024, max_wait: float = 0.02, extra: list[str] | None = None) -> dict[str, Any]:
+                max_batch: int = 1024, max_wait: float = 0.005, extra: list[str] | None = None) -> dict[str, Any]:
     """The whole load on the topic first, then the worker: sustained events/s."""
     bootstrap, work = ctx["bootstrap"], ctx["work"]
     in_topic, out_topic = _topics(bootstrap, ctx["partitions"])
@@ -131,7 +131,7 @@ def backlog_run(name: str, events: list[tuple[bytes, bytes]], ctx: dict[str, Any
 
 def paced_run(name: str, events: list[tuple[bytes, bytes]], warmup: list[tuple[bytes, bytes]], rate: float,
               duration: float, ctx: dict[str, Any], drain_s: float = 15.0, max_batch: int = 1024,
-              max_wait: float = 0.02, extra: list[str] | None = None) -> dict[str, Any]:
+              max_wait: float = 0.005, extra: list[str] | None = None) -> dict[str, Any]:
     """The worker running and warmed up first, then events at `rate`/s for `duration` s."""
     bootstrap, work = ctx["bootstrap"], ctx["work"]
     in_topic, out_topic = _topics(bootstrap, ctx["partitions"])
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--max-batch", type=int, default=1024, help="clickvec and ceiling batch size")
-    p.add_argument("--max-wait", type=float, default=0.02)
+    p.add_argument("--max-wait", type=float, default=0.005)
     p.add_argument("--bootstrap", default=None, help="use this broker instead of starting one")
     p.add_argument("--out", type=Path, default=common.RESULTS / ("pipeline.json"))
     p.add_argument("--no-plot", action="store_true")

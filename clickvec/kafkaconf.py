@@ -60,11 +60,13 @@ def kafka_client_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def produce_waiting(producer: Any, topic: str, key: bytes | None, value: bytes | None,
-                    on_delivery: Any = None, wait: float = 0.05) -> None:
-    """`producer.produce`, waiting for deliveries to drain while its local queue is full."""
+                    on_delivery: Any = None, wait: float = 0.05, partition: int | None = None) -> None:
+    """`producer.produce`, waiting for deliveries to drain while its local queue is full.
+    `partition` None: the producer's partitioner picks it from the key."""
+    extra = {} if partition is None else {"partition": partition}
     while True:
         try:
-            producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+            producer.produce(topic, value=value, key=key, on_delivery=on_delivery, **extra)
             return
         except BufferError:
             producer.poll(wait)

@@ -13,16 +13,18 @@ import weakref
 from typing import Any
 
 import faust
+from confluent_kafka import KafkaError
 from confluent_kafka.admin import AdminClient, NewTopic
 from faust.streams import _current_event
 from faust.types import TP
 
 from clickvec.bundle import load_bundle
+from clickvec.kafkaconf import produce_waiting
 from stream.config import StreamConfig
 from stream.continuity import Continuity
 from stream.engine import Engine, EngineConfig, Record, StateStore
 from stream.metrics import Metrics
-from stream.sink import Sink
+from stream.sink import DeliveryError, Sink, reliable_producer
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +32,30 @@ TABLE_NAME = "user-state"
 
 
 class TableStore(StateStore):
-    """The Faust table as a `StateStore`. Faust picks the RocksDB partition and the
-    changelog partition from the *current event*; inside a micro-batch we point it at
-    the event that owns the user, so state always follows its input partition."""
+    """The Faust table as a `StateStore`. Faust picks the RocksDB partition from the
+    *current event*; inside a micro-batch we point it at the event that owns the user,
+    so state always follows its input partition.
 
-    def __init__(self, table: Any) -> None:
+    Changelog records go through a confluent-kafka producer rather than Faust's own
+    (`table.send_changelog`): the bytes, topic and partition are the ones Faust would
+    write and recovers from, but librdkafka sends them from its own thread, where
+    Faust's Python producer spent about a third of the worker's event loop
+    (benchmarks/results/profile_*.txt). It also lets `flush` wait for the brokers:
+    Faust's producer-buffer flush gives up after 0.1 s, so offsets could have been
+    committed before the states reached the changelog."""
+
+    def __init__(self, table: Any, producer_conf: dict[str, Any]) -> None:
         self.table = table
-        self._pending: list[Any] = []
+        self.topic = table.changelog_topic.get_topic_name()
+        self.producer = reliable_producer(producer_conf)
+        self._offsets: dict[int, int] = {}  # changelog partition -> last offset written
+        self._errors: list[str] = []
+
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(str(err))
+        elif msg.offset() > self._offsets.get(msg.partition(), -1):
+            self._offsets[msg.partition()] = msg.offset()
 
     def get(self, user_id: str, record: Record) -> bytes | None:
         token = _current_event.set(weakref.ref(record.handle))
@@ -46,24 +65,27 @@ class TableStore(StateStore):
             _current_event.reset(token)
 
     def put(self, user_id: str, value: bytes, record: Record) -> None:
-        """Write RocksDB and queue the changelog record; `flush` waits for the brokers.
-
-        Faust's own `table[key] = value` queues the changelog record in a buffer whose
-        flush gives up after 0.1 s, so offsets could be committed (or the group left)
-        before the state reached the changelog; we keep the record's future instead."""
+        """Write RocksDB and send the changelog record; `flush` waits for the brokers."""
         token = _current_event.set(weakref.ref(record.handle))
         try:
             key = user_id.encode()
             self.table.data[key] = value
-            self._pending.append(self.table.send_changelog(record.partition, key, value))
         finally:
             _current_event.reset(token)
+        produce_waiting(self.producer, self.topic, key, value, self._on_delivery, partition=record.partition)
 
-    async def flush(self) -> None:
-        """Wait until every changelog record written so far is acknowledged."""
-        pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
+    async def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every changelog record written so far is acknowledged, then record
+        the changelog offsets RocksDB holds (recovery resumes after them)."""
+        loop = asyncio.get_running_loop()
+        remaining = await loop.run_in_executor(None, self.producer.flush, timeout)
+        if remaining or self._errors:
+            errs, self._errors = self._errors, []
+            raise DeliveryError(f"changelog {self.topic}: {remaining} records not delivered within {timeout}s, "
+                                f"errors: {errs[:3]}")
+        offsets, self._offsets = self._offsets, {}
+        for partition, offset in offsets.items():
+            self.table.data.set_persisted_offset(TP(self.topic, partition), offset)
 
 
 def ensure_topics(cfg: StreamConfig) -> int:
@@ -104,6 +126,18 @@ def _faust_broker_credentials(cfg: StreamConfig) -> Any:
     return faust.SSLCredentials(ctx)
 
 
+def _tune_fetch_wait(app: faust.App, ms: int) -> bool:
+    """Set the aiokafka consumer's fetch max wait, which Faust fixes at 1500 ms."""
+    try:
+        fetcher = app.consumer._thread._ensure_consumer()._fetcher  # type: ignore[attr-defined]
+        fetcher._fetch_max_wait_ms = ms
+    except AttributeError as e:  # another Faust or aiokafka layout: keep its default
+        log.warning("could not set the consumer's fetch max wait (%s); Faust's 1500 ms stays", e)
+    else:
+        log.info("consumer fetch max wait: %d ms", ms)
+    return True
+
+
 def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | None = None) -> faust.App:
     if partitions is None:
         partitions = ensure_topics(cfg)
@@ -141,9 +175,9 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
                  "write_buffer_size": cfg.rocksdb_write_buffer_mb << 20,
                  "max_write_buffer_number": 2},
     )
-    store = TableStore(table)
+    store = TableStore(table, cfg.librdkafka())
     sink = Sink(cfg.librdkafka(), cfg.out_topic, cfg.dlq_topic)
-    state = {"ready": False, "batches": 0, "started": time.time()}
+    state = {"ready": False, "batches": 0, "started": time.time(), "fetch_tuned": False}
 
     async def filled(partition: int, start: int, end: int) -> None:
         # Faust never saw these offsets: count them as done so its commits pass them.
@@ -158,6 +192,8 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
     async def encode(stream: Any) -> None:
         async for events in stream.take_events(cfg.max_batch, within=cfg.max_wait):
             t0 = time.perf_counter()
+            if not state["fetch_tuned"]:
+                state["fetch_tuned"] = _tune_fetch_wait(app, cfg.fetch_max_wait_ms)
             records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition,
                               e.message.offset, e) for e in events]
             records = await continuity.complete(records, app.consumer_generation_id)

@@ -23,7 +23,11 @@ class StreamConfig:
     group: str = "clickvec-stream"
     state_dir: str = ".clickvec/state"
     max_batch: int = 1024
-    max_wait: float = 0.02  # seconds a batch may wait to fill
+    max_wait: float = 0.005  # seconds a batch may wait to fill (latency: a partly full batch waits this long)
+    # How long the broker may hold a fetch with no new records. Faust builds its aiokafka
+    # consumer with 1500 ms; while one such fetch is in flight, partitions that have new
+    # records are not fetched either, so latency under steady load sat near 1.5 s.
+    fetch_max_wait_ms: int = 20
     emit: str = "every"  # every | latest
     encoding: str = "json"  # json | f16 | i8
     state_dtype: str = "f32"  # f32 | f16

@@ -21,21 +21,26 @@ class DeliveryError(ClickvecError):
     the brokers and the topic's ACLs."""
 
 
+def reliable_producer(conf: dict[str, Any], **extra: Any) -> Producer:
+    """The worker's producer settings: idempotent, acks from all replicas, batched."""
+    return Producer({
+        **conf,
+        "linger.ms": 2,
+        "enable.idempotence": True,
+        "acks": "all",
+        "compression.type": "lz4",
+        "batch.num.messages": 10000,
+        "queue.buffering.max.messages": 1_000_000,
+        **extra,
+    })
+
+
 class Sink:
     def __init__(self, conf: dict[str, Any], out_topic: str, dlq_topic: str) -> None:
         self.out_topic = out_topic
         self.dlq_topic = dlq_topic
-        self.producer = Producer({
-            **conf,
-            "linger.ms": 2,
-            "enable.idempotence": True,
-            "acks": "all",
-            "compression.type": "lz4",
-            "batch.num.messages": 10000,
-            "queue.buffering.max.messages": 1_000_000,
-            # Same key -> partition mapping as Kafka's Java clients and Faust.
-            "partitioner": "murmur2_random",
-        })
+        # Same key -> partition mapping as Kafka's Java clients and Faust.
+        self.producer = reliable_producer(conf, partitioner="murmur2_random")
         self._errors: list[str] = []
 
     def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
