@@ -22,7 +22,7 @@ from clickvec.bundle import load_bundle
 from clickvec.kafkaconf import produce_waiting
 from stream.config import StreamConfig
 from stream.continuity import Continuity
-from stream.engine import Engine, EngineConfig, Record, StateStore
+from stream.engine import Engine, EngineConfig, PendingStates, Record, StateStore
 from stream.metrics import Metrics
 from stream.sink import DeliveryError, Sink, reliable_producer
 
@@ -188,23 +188,50 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
 
     continuity = Continuity(cfg.librdkafka(), cfg.in_topic, cfg.group, on_filled=filled)
 
+    pending = PendingStates(store)
+
     @app.agent(in_topic, concurrency=1)
     async def encode(stream: Any) -> None:
-        async for events in stream.take_events(cfg.max_batch, within=cfg.max_wait):
-            t0 = time.perf_counter()
-            if not state["fetch_tuned"]:
-                state["fetch_tuned"] = _tune_fetch_wait(app, cfg.fetch_max_wait_ms)
-            records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition,
-                              e.message.offset, e) for e in events]
-            records = await continuity.complete(records, app.consumer_generation_id)
-            result = engine.process(records, store)
-            sink.send(result.outputs, result.dead)
-            await sink.deliver()
+        """Batches flow through two stages. Here: take, fill holes, one ORT call, send the
+        outputs. In `store_batches`: once a batch's outputs are acknowledged, write its
+        states (RocksDB + changelog), wait for the changelog, then ack its events. The next
+        batch is computed while the previous one is in flight; it sees the previous
+        batch's states through `pending`."""
+        loop = asyncio.get_running_loop()
+        inflight: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(1, cfg.pipeline_depth))
+        storer = asyncio.ensure_future(store_batches(stream, inflight))
+        try:
+            async for events in stream.noack_take(cfg.max_batch, within=cfg.max_wait):
+                t0 = time.perf_counter()
+                if storer.done():
+                    storer.result()  # raises what stopped it
+                    raise RuntimeError("the batch storer stopped")
+                if not state["fetch_tuned"]:
+                    state["fetch_tuned"] = _tune_fetch_wait(app, cfg.fetch_max_wait_ms)
+                records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition,
+                                  e.message.offset, e) for e in events]
+                records = await continuity.complete(records, app.consumer_generation_id)
+                result = engine.process(records, pending)
+                state["batches"] += 1
+                pending.hold(result, state["batches"])
+                delivered = sink.send_tracked(result.outputs, result.dead, loop)
+                await inflight.put((state["batches"], events, records, result, delivered, t0))
+        finally:
+            if not storer.done():
+                storer.cancel()
+
+    async def store_batches(stream: Any, inflight: asyncio.Queue[Any]) -> None:
+        while True:
+            batch, events, records, result, delivered, t0 = await inflight.get()
             # Outputs are on the brokers: only now may the states say these events are applied.
+            await delivered
             engine.commit_states(result, store)
             # The batch's events are acked (and later committed) only once their states
             # are on the changelog: a worker that takes the partitions over recovers them.
             await store.flush()
+            pending.release(result, batch)
+            for e in events:
+                await stream.ack(e)
             now = time.time()
             metrics.events_in.inc(len(records))
             metrics.events_applied.inc(result.applied)
@@ -219,7 +246,6 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
             metrics.users.set(result.users)
             for ts in result.event_ts:
                 metrics.latency.observe(max(0.0, now - ts / 1000.0))
-            state["batches"] += 1
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:

@@ -61,6 +61,38 @@ class MemoryStateStore(StateStore):
         self.data[user_id] = value
 
 
+class PendingStates(StateStore):
+    """States of batches that are processed but not yet stored (their outputs are still
+    on the way to the brokers), seen by the batches processed after them.
+
+    `hold` makes a batch's states visible; `release` drops them once the batch's states
+    are in `base` (unless a later batch has replaced them)."""
+
+    def __init__(self, base: StateStore) -> None:
+        self.base = base
+        self._pending: dict[str, tuple[bytes, int]] = {}
+
+    def get(self, user_id: str, record: Record) -> bytes | None:
+        held = self._pending.get(user_id)
+        return held[0] if held is not None else self.base.get(user_id, record)
+
+    def put(self, user_id: str, value: bytes, record: Record) -> None:
+        self.base.put(user_id, value, record)
+
+    def hold(self, result: BatchResult, batch: int) -> None:
+        for uid, value, _ in result.states:
+            self._pending[uid] = (value, batch)
+
+    def release(self, result: BatchResult, batch: int) -> None:
+        for uid, _, _ in result.states:
+            held = self._pending.get(uid)
+            if held is not None and held[1] == batch:
+                del self._pending[uid]
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
 @dataclass(slots=True)
 class BatchResult:
     outputs: list[tuple[bytes, bytes]] = field(default_factory=list)  # (key, value) to the vector topic

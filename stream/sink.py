@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Any
 
 from confluent_kafka import KafkaError, Producer
@@ -42,6 +43,8 @@ class Sink:
         # Same key -> partition mapping as Kafka's Java clients and Faust.
         self.producer = reliable_producer(conf, partitioner="murmur2_random")
         self._errors: list[str] = []
+        self._poller: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
         if err is not None:
@@ -54,6 +57,52 @@ class Sink:
             produce_waiting(self.producer, self.dlq_topic, key, value, self._on_delivery)
         self.producer.poll(0)
 
+    def send_tracked(self, outputs: list[tuple[bytes, bytes]], dead: list[tuple[bytes | None, bytes, str]],
+                     loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """Send one batch; the future resolves when every message of it is acknowledged
+        (DeliveryError if any failed), independently of batches sent after it."""
+        fut: asyncio.Future[None] = loop.create_future()
+        left = len(outputs) + len(dead)
+        if left == 0:
+            fut.set_result(None)
+            return fut
+        lock = threading.Lock()
+        errors: list[str] = []
+
+        def settle() -> None:
+            if not fut.done():
+                if errors:
+                    fut.set_exception(DeliveryError(f"{len(errors)} messages failed: {errors[:3]}"))
+                else:
+                    fut.set_result(None)
+
+        def on_delivery(err: KafkaError | None, msg: Any) -> None:
+            nonlocal left
+            with lock:
+                if err is not None:
+                    errors.append(f"{msg.topic()}: {err}")
+                left -= 1
+                done = left == 0
+            if done:
+                loop.call_soon_threadsafe(settle)
+
+        for key, value in outputs:
+            produce_waiting(self.producer, self.out_topic, key, value, on_delivery)
+        for key, value, _ in dead:
+            produce_waiting(self.producer, self.dlq_topic, key, value, on_delivery)
+        self._ensure_poller()
+        return fut
+
+    def _ensure_poller(self) -> None:
+        """A thread serving delivery reports as they come (`send_tracked`)."""
+        if self._poller is None:
+            self._poller = threading.Thread(target=self._poll_loop, name="clickvec-sink-poll", daemon=True)
+            self._poller.start()
+
+    def _poll_loop(self) -> None:
+        while not self._stopping.is_set():
+            self.producer.poll(0.05)
+
     async def deliver(self, timeout: float = 30.0) -> None:
         """Wait until every message sent so far is acknowledged by the brokers."""
         loop = asyncio.get_running_loop()
@@ -65,4 +114,7 @@ class Sink:
             raise DeliveryError(f"{len(errs)} messages failed: {errs[:3]}")
 
     def close(self) -> None:
+        self._stopping.set()
+        if self._poller is not None:
+            self._poller.join(5)
         self.producer.flush(10)

@@ -9,7 +9,7 @@ import pytest
 from clickvec.bundle import load_bundle
 from clickvec.contract import VectorMessage
 from clickvec.synth import SynthConfig, generate_events
-from stream.engine import Engine, EngineConfig, MemoryStateStore, Record
+from stream.engine import Engine, EngineConfig, MemoryStateStore, PendingStates, Record
 from stream.state import HEADER_BYTES, StateError, UserState
 
 
@@ -71,6 +71,36 @@ def test_batching_does_not_change_vectors(bundle, events):
             worst = max(worst, float(np.abs(b[(uid, n)] - z[n - 1]).max()))
     assert worst <= 1e-5
     assert s1.data.keys() == s2.data.keys()
+
+
+def test_batches_computed_ahead_of_storage_chain_states(bundle, events):
+    """The worker computes batch n+1 before batch n's states are stored: through
+    `PendingStates` it must see them, and storing both in order gives the same vectors
+    and states as one batch after the other."""
+    engine = Engine(bundle)
+    records = _records(events)
+    sequential, s_seq = _run(engine, records, [100])
+    base = MemoryStateStore()
+    pending = PendingStates(base)
+    held = []
+    outs = []
+    for k, i in enumerate(range(0, len(records), 100)):
+        res = engine.process(records[i:i + 100], pending)
+        pending.hold(res, k)
+        held.append((k, res))
+        outs += [VectorMessage.from_bytes(v) for _, v in res.outputs]
+        if len(held) == 3:  # two batches in flight behind this one
+            kk, old = held.pop(0)
+            engine.commit_states(old, pending)
+            pending.release(old, kk)
+    for kk, old in held:
+        engine.commit_states(old, pending)
+        pending.release(old, kk)
+    assert len(pending) == 0
+    a = {(m.user_id, m.seq): m.vector for m in sequential}
+    b = {(m.user_id, m.seq): m.vector for m in outs}
+    assert a == b
+    assert base.data == s_seq.data
 
 
 def test_replayed_events_are_skipped(bundle, events):
