@@ -225,6 +225,8 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
                 pending.hold(result, state["batches"])
                 delivered = sink.send_tracked(result.outputs, result.dead, loop)
                 await inflight.put((state["batches"], events, records, result, delivered, t0))
+                if cfg.pipeline_depth == 0:  # one batch at a time
+                    await inflight.join()
         finally:
             if not storer.done():
                 storer.cancel()
@@ -241,6 +243,7 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
             pending.release(result, batch)
             for e in events:
                 await stream.ack(e)
+            inflight.task_done()
             now = time.time()
             metrics.events_in.inc(len(records))
             metrics.events_applied.inc(result.applied)
