@@ -31,10 +31,26 @@ log = logging.getLogger(__name__)
 TABLE_NAME = "user-state"
 
 
+class _PartitionEvent:
+    """What Faust's RocksDB store reads from the current event: the message's partition."""
+
+    __slots__ = ("message", "__weakref__")
+
+    def __init__(self, partition: int) -> None:
+        self.message = _PartitionMessage(partition)
+
+
+class _PartitionMessage:
+    __slots__ = ("partition",)
+
+    def __init__(self, partition: int) -> None:
+        self.partition = partition
+
+
 class TableStore(StateStore):
     """The Faust table as a `StateStore`. Faust picks the RocksDB partition from the
-    *current event*; inside a micro-batch we point it at the event that owns the user,
-    so state always follows its input partition.
+    *current event*; for each read and write we point it at the partition of the record
+    that owns the user, so state always follows its input partition.
 
     Changelog records go through a confluent-kafka producer rather than Faust's own
     (`table.send_changelog`): the bytes, topic and partition are the ones Faust would
@@ -48,6 +64,7 @@ class TableStore(StateStore):
         self.table = table
         self.topic = table.changelog_topic.get_topic_name()
         self.producer = reliable_producer(producer_conf)
+        self._events: dict[int, Any] = {}  # partition -> (shim, weakref) for Faust's store
         self._offsets: dict[int, int] = {}  # changelog partition -> last offset written
         self._errors: list[str] = []
 
@@ -57,8 +74,15 @@ class TableStore(StateStore):
         elif msg.offset() > self._offsets.get(msg.partition(), -1):
             self._offsets[msg.partition()] = msg.offset()
 
+    def _event_of(self, partition: int) -> Any:
+        ref = self._events.get(partition)
+        if ref is None:
+            shim = _PartitionEvent(partition)
+            ref = self._events[partition] = (shim, weakref.ref(shim))
+        return ref[1]
+
     def get(self, user_id: str, record: Record) -> bytes | None:
-        token = _current_event.set(weakref.ref(record.handle))
+        token = _current_event.set(self._event_of(record.partition))
         try:
             return self.table.get(user_id.encode())
         finally:
@@ -66,7 +90,7 @@ class TableStore(StateStore):
 
     def put(self, user_id: str, value: bytes, record: Record) -> None:
         """Write RocksDB and send the changelog record; `flush` waits for the brokers."""
-        token = _current_event.set(weakref.ref(record.handle))
+        token = _current_event.set(self._event_of(record.partition))
         try:
             key = user_id.encode()
             self.table.data[key] = value
@@ -186,7 +210,7 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
     )
     store = TableStore(table, cfg.librdkafka())
     sink = Sink(cfg.librdkafka(), cfg.out_topic, cfg.dlq_topic)
-    state = {"ready": False, "batches": 0, "started": time.time(), "fetch_tuned": False}
+    state: dict[str, Any] = {"ready": False, "batches": 0, "started": time.time(), "fetch_tuned": False}
 
     async def filled(partition: int, start: int, end: int) -> None:
         # Faust never saw these offsets: count them as done so its commits pass them.
@@ -198,17 +222,31 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
     continuity = Continuity(cfg.librdkafka(), cfg.in_topic, cfg.group, on_filled=filled)
 
     pending = PendingStates(store)
+    # Batches go through two stages. `apply_batch`: fill holes, one ORT call, send the
+    # outputs. `store_batches`: once a batch's outputs are acknowledged, write its states
+    # (RocksDB + changelog), wait for the changelog, then ack its events. The next batch
+    # is computed while the previous one is in flight; it sees the previous batch's
+    # states through `pending`.
+    inflight: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(1, cfg.pipeline_depth))
+    applying = asyncio.Lock()
+    state["last_batch"] = time.monotonic()
+
+    async def apply_batch(events: list[Any], records: list[Record], t0: float) -> None:
+        async with applying:
+            records = await continuity.complete(records, app.consumer_generation_id)
+            result = engine.process(records, pending)
+            state["batches"] += 1
+            pending.hold(result, state["batches"])
+            delivered = sink.send_tracked(result.outputs, result.dead, asyncio.get_running_loop())
+            await inflight.put((state["batches"], events, records, result, delivered, t0))
+            if cfg.pipeline_depth == 0:  # one batch at a time
+                await inflight.join()
+            state["last_batch"] = time.monotonic()
 
     @app.agent(in_topic, concurrency=1)
     async def encode(stream: Any) -> None:
-        """Batches flow through two stages. Here: take, fill holes, one ORT call, send the
-        outputs. In `store_batches`: once a batch's outputs are acknowledged, write its
-        states (RocksDB + changelog), wait for the changelog, then ack its events. The next
-        batch is computed while the previous one is in flight; it sees the previous
-        batch's states through `pending`."""
-        loop = asyncio.get_running_loop()
-        inflight: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(1, cfg.pipeline_depth))
         storer = asyncio.ensure_future(store_batches(stream, inflight))
+        state["storer"] = storer
         try:
             async for events in stream.noack_take(cfg.max_batch, within=cfg.max_wait):
                 t0 = time.perf_counter()
@@ -218,18 +256,33 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
                 if not state["fetch_tuned"]:
                     state["fetch_tuned"] = _tune_consumer(app, cfg.fetch_max_wait_ms)
                 records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition,
-                                  e.message.offset, e) for e in events]
-                records = await continuity.complete(records, app.consumer_generation_id)
-                result = engine.process(records, pending)
-                state["batches"] += 1
-                pending.hold(result, state["batches"])
-                delivered = sink.send_tracked(result.outputs, result.dead, loop)
-                await inflight.put((state["batches"], events, records, result, delivered, t0))
-                if cfg.pipeline_depth == 0:  # one batch at a time
-                    await inflight.join()
+                                  e.message.offset) for e in events]
+                await apply_batch(events, records, t0)
         finally:
             if not storer.done():
                 storer.cancel()
+
+    @app.timer(interval=1.0)
+    async def sweep_tail_holes() -> None:
+        """Records Faust dropped at the end of a partition (nothing after them arrives to
+        reveal the hole): when the agent has been idle for two seconds and the consumer's
+        position is past the next offset to apply, read the rest back and apply it."""
+        storer = state.get("storer")
+        if (storer is None or storer.done() or app.rebalancing or applying.locked()
+                or time.monotonic() - state["last_batch"] < 2.0):
+            return
+        positions: dict[int, int] = {}
+        for tp in app.consumer.assignment():
+            if tp.topic == cfg.in_topic:
+                try:
+                    pos = await app.consumer.position(tp)
+                except Exception:  # not fetched yet
+                    continue
+                if pos is not None:
+                    positions[tp.partition] = pos
+        records = await continuity.tail(positions, app.consumer_generation_id)
+        if records:
+            await apply_batch([], records, time.perf_counter())
 
     async def store_batches(stream: Any, inflight: asyncio.Queue[Any]) -> None:
         while True:

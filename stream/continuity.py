@@ -122,21 +122,10 @@ class Continuity:
         return got
 
     async def complete(self, records: list[Record], generation: int) -> list[Record]:
-        """`records` with every hole filled in, in offset order per partition.
-
-        A filled record borrows the Faust event of the record after its hole as its
-        handle: the state store only uses it to pick the record's partition."""
+        """`records` with every hole filled in, in offset order per partition."""
         loop = asyncio.get_running_loop()
-        if generation != self.generation:
-            self.expected = {}
-            self.generation = generation
-        new = sorted({r.partition for r in records} - set(self.expected))
-        if new:
-            starts = await loop.run_in_executor(None, self._start_offsets, new)
-            for p in new:
-                first = min(r.offset for r in records if r.partition == p)
-                # Below the committed offset everything was applied; from it on, fill.
-                self.expected[p] = min(starts[p], first)
+        await self._expect({r.partition: min(x.offset for x in records if x.partition == r.partition)
+                            for r in records}, generation)
         holes = find_holes(records, self.expected)
         if not holes:
             return records
@@ -145,7 +134,6 @@ class Continuity:
         for index, partition, start in holes:
             at = records[index]
             fill = await loop.run_in_executor(None, self._read, partition, start, at.offset)
-            fill = [Record(r.key, r.value, r.topic, r.partition, r.offset, at.handle) for r in fill]
             log.warning("%s[%d]: offsets %d..%d were not delivered by the consumer; read %d back from the "
                         "brokers", self.topic, partition, start, at.offset - 1, len(fill))
             out.extend(records[prev:index])
@@ -155,6 +143,38 @@ class Continuity:
             if self.on_filled is not None:
                 await self.on_filled(partition, start, at.offset)
         out.extend(records[prev:])
+        return out
+
+    async def _expect(self, first: dict[int, int], generation: int) -> None:
+        """Start the expectation of partitions not seen in this generation: the group's
+        committed offset (below it everything was applied), or `first` if lower."""
+        if generation != self.generation:
+            self.expected = {}
+            self.generation = generation
+        new = sorted(set(first) - set(self.expected))
+        if new:
+            starts = await asyncio.get_running_loop().run_in_executor(None, self._start_offsets, new)
+            for p in new:
+                self.expected[p] = min(starts[p], first[p])
+
+    async def tail(self, positions: dict[int, int], generation: int) -> list[Record]:
+        """Records below the consumer's `positions` that were never applied: a hole at
+        the end of a partition, which no later record reveals. Call only while no batch
+        is pending anywhere (the caller checks that the worker has been idle)."""
+        await self._expect(positions, generation)
+        out: list[Record] = []
+        for partition, pos in sorted(positions.items()):
+            start = self.expected[partition]
+            if pos <= start:
+                continue
+            got = await asyncio.get_running_loop().run_in_executor(None, self._read, partition, start, pos)
+            log.warning("%s[%d]: offsets %d..%d were consumed but never delivered; read %d back from the "
+                        "brokers", self.topic, partition, start, pos - 1, len(got))
+            self.expected[partition] = pos
+            self.filled += len(got)
+            out.extend(got)
+            if self.on_filled is not None:
+                await self.on_filled(partition, start, pos)
         return out
 
     def close(self) -> None:

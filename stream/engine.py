@@ -37,7 +37,6 @@ class Record:
     topic: str
     partition: int
     offset: int
-    handle: Any = None  # the Faust event, passed back to the state store
 
 
 class StateStore(abc.ABC):

@@ -13,8 +13,8 @@ from stream.continuity import Continuity, find_holes
 from stream.engine import Record
 
 
-def _rec(p: int, o: int, handle: object = None) -> Record:
-    return Record(b"k", b"v", "t", p, o, handle)
+def _rec(p: int, o: int) -> Record:
+    return Record(b"k", b"v", "t", p, o)
 
 
 def test_find_holes_per_partition_and_mid_batch():
@@ -54,9 +54,8 @@ def test_holes_are_read_back_from_the_broker(kafka_bootstrap, new_topic, new_gro
 
     p0, p1 = log[0], log[1]
     assert len(p0) > 60 and len(p1) > 60
-    handle = object()
     # Delivered: p0 30..39 (20..29 never came), p1 0..9 then 15..19 (10..14 skipped over).
-    batch = [Record(r.key, r.value, r.topic, r.partition, r.offset, handle) for r in p0[30:40] + p1[0:10] + p1[15:20]]
+    batch = p0[30:40] + p1[0:10] + p1[15:20]
     filled_ranges: list[tuple[int, int, int]] = []
 
     async def on_filled(p: int, start: int, end: int) -> None:
@@ -66,8 +65,9 @@ def test_holes_are_read_back_from_the_broker(kafka_bootstrap, new_topic, new_gro
     try:
         out = asyncio.run(cont.complete(batch, generation=1))
         # The next batch of the same generation continues where this one ended.
-        nxt = [Record(r.key, r.value, r.topic, r.partition, r.offset, handle) for r in p0[42:44]]
-        out2 = asyncio.run(cont.complete(nxt, generation=1))
+        out2 = asyncio.run(cont.complete(p0[42:44], generation=1))
+        # A hole at the end of a partition: consumed up to 50, applied up to 44.
+        out3 = asyncio.run(cont.tail({0: 50, 1: 20}, generation=1))
     finally:
         cont.close()
 
@@ -75,8 +75,8 @@ def test_holes_are_read_back_from_the_broker(kafka_bootstrap, new_topic, new_gro
         return [(r.partition, r.offset, r.value) for r in rs]
 
     assert key(out) == key(p0[20:40] + p1[0:20])
-    assert all(r.handle is handle for r in out), "filled records borrow the handle of the record after the hole"
     assert filled_ranges[:2] == [(0, 20, 30), (1, 10, 15)]
     assert key(out2) == key(p0[40:44])
-    assert filled_ranges[2:] == [(0, 40, 42)]
-    assert cont.filled == 10 + 5 + 2
+    assert key(out3) == key(p0[44:50])
+    assert filled_ranges[2:] == [(0, 40, 42), (0, 44, 50)]
+    assert cont.filled == 10 + 5 + 2 + 6
