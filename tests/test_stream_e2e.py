@@ -87,8 +87,9 @@ def test_parity_end_to_end(kafka_bootstrap, new_topic, new_group, stream_bundle_
     src, out, dlq = _topics(new_topic)
     assert produce_events(events, kafka_bootstrap, src) == len(events)
     group = new_group()
+    # Batches computed ahead of storage (--pipeline-depth 2); the other tests use the default.
     w = WorkerProcess(kafka_bootstrap, stream_bundle_path, src, out, dlq, group, tmp_path / "s",
-                      tmp_path / "w.log").start()
+                      tmp_path / "w.log", "--pipeline-depth", "2").start()
     reader = TopicReader(kafka_bootstrap, out)
     try:
         wait_for(reader, lambda m: _progress(m) >= len(events), 180, [w])
