@@ -44,6 +44,27 @@ def _events(n_users: int, n_events: int, seed: int) -> list[ClickEvent]:
     return evs[:n_events]
 
 
+def _events_every_user(n_users: int, n_events: int, seed: int) -> list[ClickEvent]:
+    """Exactly `n_events` events in time order in which all `n_users` users appear: each
+    user's history cut to a common cap (its first events), the surplus taken off the
+    longest histories."""
+    evs = generate_events(SynthConfig(n_users=n_users, seed=seed, mean_events=n_events / n_users * 1.3))
+    by_user: dict[str, list[ClickEvent]] = {}
+    for e in evs:
+        by_user.setdefault(e.user_id, []).append(e)
+    assert len(by_user) == n_users and len(evs) >= n_events
+    cap = max(len(v) for v in by_user.values())
+    while sum(min(len(v), cap - 1) for v in by_user.values()) >= n_events:
+        cap -= 1
+    keep = {u: min(len(v), cap) for u, v in by_user.items()}
+    surplus = sum(keep.values()) - n_events
+    for u in sorted(keep, key=lambda u: -keep[u])[:surplus]:
+        keep[u] -= 1
+    out = [e for u, v in by_user.items() for e in v[:keep[u]]]
+    out.sort(key=lambda e: e.ts)
+    return out
+
+
 def _progress(log_messages) -> int:
     return VectorLog.of(log_messages).distinct()
 
@@ -82,8 +103,8 @@ def _topics(new_topic):
 
 
 def test_parity_end_to_end(kafka_bootstrap, new_topic, new_group, stream_bundle_path, bundle, tmp_path):
-    events = _events(2000, 20_000, seed=11)
-    assert len({e.user_id for e in events}) >= 1400
+    events = _events_every_user(2000, 20_000, seed=11)
+    assert len(events) == 20_000 and len({e.user_id for e in events}) == 2000
     src, out, dlq = _topics(new_topic)
     assert produce_events(events, kafka_bootstrap, src) == len(events)
     group = new_group()
