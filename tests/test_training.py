@@ -1,5 +1,6 @@
 """Training: data and splits, evaluation protocol, determinism, DDP, and the acceptance run
-(an LSTM trained for a minute on CPU beats popularity and Markov on both protocols)."""
+(an LSTM trained for a minute on CPU beats popularity and Markov on every metric of both
+protocols)."""
 
 from __future__ import annotations
 
@@ -199,7 +200,10 @@ def test_ddp_two_processes(tmp_path):
 # ------------------------------------------------------------------- acceptance
 
 ACCEPT_DATA = dict(n_users=3000, n_items=300, n_categories=10, seed=0)
-ACCEPT_TRAIN = dict(epochs=8, batch_size=32, lr=5e-3, weight_decay=0.1, patience=3)
+# Everything else (max_len, weight_decay, repeat_weight, model size) is TrainConfig's default.
+ACCEPT_TRAIN = dict(epochs=8, batch_size=32, lr=5e-3, patience=3)
+ACCEPT_METRICS = (("sampled", "hr@10"), ("sampled", "ndcg@10"), ("full", "hr@10"), ("full", "ndcg@10"),
+                  ("full", "mrr"))
 
 
 @pytest.mark.slow
@@ -211,11 +215,10 @@ def test_lstm_beats_popularity_and_markov_on_both_protocols(tmp_path):
     print(f"\nacceptance ({ACCEPT_DATA}, {ACCEPT_TRAIN}, {r['training_seconds']:.0f} s):")
     for who in ("model", "markov", "popularity"):
         print(f"  {who:<10} sampled {t[who]['sampled']}  full {t[who]['full']}")
-    print("  margins:", {k: round(v, 3) for k, v in r["margins"].items()})
-    for base in ("popularity", "markov"):
-        for proto in ("sampled", "full"):
-            assert t["model"][proto]["hr@10"] > t[base][proto]["hr@10"], (base, proto)
-    assert t["model"]["sampled"]["ndcg@10"] > t["markov"]["sampled"]["ndcg@10"]
-    for m in ("ndcg@10", "mrr"):
-        assert t["model"]["full"][m] > t["popularity"]["full"][m], m
+    for base in ("markov", "popularity"):
+        print(f"  model / {base}:", {f"{proto} {m}": round(t["model"][proto][m] / t[base][proto][m], 3)
+                                     for proto, m in ACCEPT_METRICS})
+    beaten = {(base, proto, m): t["model"][proto][m] > t[base][proto][m]
+              for base in ("popularity", "markov") for proto, m in ACCEPT_METRICS}
+    assert all(beaten.values()), [k for k, ok in beaten.items() if not ok]
     assert t["model"]["sampled"]["hr@10"] >= 1.3 * t["markov"]["sampled"]["hr@10"], r["margins"]

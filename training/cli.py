@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item-weight", type=float)
     p.add_argument("--type-weight", type=float)
     p.add_argument("--time-weight", type=float)
+    p.add_argument("--repeat-weight", type=float)
     p.add_argument("--kl-weight", type=float)
     p.add_argument("--patience", type=int)
     p.add_argument("--seed", type=int)

@@ -110,6 +110,10 @@ class Objective(nn.Module):
     """Encoder + the training objectives, so DDP wraps one forward that uses every parameter.
 
     Every prediction comes from z after event t and targets event t + 1: causal by the LSTM.
+    `repeat_weight` adds a cross-entropy of the item of event t itself under the same
+    next-item scores: still scored from z alone (no copy path), it teaches the scores to
+    put the item just seen high, as Markov's self-transition counts do (funnel steps on
+    one item are about 16% of next events on the synthetic data).
     """
 
     def __init__(self, encoder: Encoder, cfg: TrainConfig) -> None:
@@ -127,21 +131,29 @@ class Objective(nn.Module):
         h = y[mask]  # (N, H)
         z, kl = enc.sample_z(h)  # (N, D), (N,)
         tgt = next_item[mask]  # (N,)
+        cur = item[mask]  # the item of event t itself
+        repeat_loss = z.new_zeros(())
         if cfg.loss == "full":
-            item_loss = F.cross_entropy(enc.item_logits(z).float(), tgt)
+            logits = enc.item_logits(z).float()
+            item_loss = F.cross_entropy(logits, tgt)
+            if cfg.repeat_weight > 0:
+                repeat_loss = F.cross_entropy(logits, cur)
         else:
             item_loss = self._sampled_softmax(z, tgt)
+            if cfg.repeat_weight > 0:
+                repeat_loss = self._sampled_softmax(z, cur)
         type_loss = F.cross_entropy(enc.type_head(z).float(), next_type[mask])
         tl = next_log_gap[mask]
         ok = torch.isfinite(tl)
         pred = enc.time_head(z).squeeze(-1).float()
         time_loss = F.mse_loss(pred[ok], tl[ok]) if bool(ok.any()) else pred.sum() * 0.0
         kl_loss = kl.float().mean()
-        loss = cfg.item_weight * item_loss + cfg.type_weight * type_loss + cfg.time_weight * time_loss
+        loss = (cfg.item_weight * item_loss + cfg.repeat_weight * repeat_loss + cfg.type_weight * type_loss
+                + cfg.time_weight * time_loss)
         if enc.cfg.vae:
             loss = loss + cfg.kl_weight * kl_loss
-        return loss, {"item": item_loss.detach(), "type": type_loss.detach(), "time": time_loss.detach(),
-                      "kl": kl_loss.detach()}
+        return loss, {"item": item_loss.detach(), "repeat": repeat_loss.detach(), "type": type_loss.detach(),
+                      "time": time_loss.detach(), "kl": kl_loss.detach()}
 
     def _sampled_softmax(self, z: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """Softmax over the true item and K uniform negatives shared by the batch
