@@ -40,6 +40,9 @@ class StreamConfig:
     providers: str = "auto"  # auto | cpu | cuda
     intra_op_threads: int = 1
     commit_interval: float = 1.0  # seconds between offset commits
+    # A worker that died (SIGKILL, or stopped on a fatal error) holds its partitions until
+    # the group's session timeout; Faust's default is 60 s.
+    session_timeout: float = 15.0
     replication_factor: int = 1  # of the changelog topic
     rocksdb_block_cache_mb: int = 64
     rocksdb_write_buffer_mb: int = 16

@@ -286,3 +286,45 @@ def test_bad_input_dead_lettered_valid_applied(kafka_bootstrap, new_topic, new_g
     c.close()
     assert (m.key(), m.value() or b"") == (d.key, d.value or b"")
     print("dead letters by reason:", json.dumps(dict(reasons)))
+
+
+def test_undeliverable_output_stops_the_worker_and_loses_nothing(kafka_bootstrap, new_topic, new_group,
+                                                                stream_bundle_path, bundle, tmp_path):
+    """The output topic refuses the vectors (max.message.bytes too small): the worker
+    stops with an error instead of going on, stores no state and commits nothing; once
+    the topic is fixed, a restart publishes every vector exactly."""
+    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+
+    events = _events(100, 1_000, seed=14)
+    src, out, dlq = _topics(new_topic)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+
+    def set_max_bytes(n: int) -> None:
+        res = ConfigResource(ConfigResource.Type.TOPIC, out, incremental_configs=[
+            ConfigEntry("max.message.bytes", str(n), incremental_operation=AlterConfigOpType.SET)])
+        for f in admin.incremental_alter_configs([res]).values():
+            f.result(30)
+
+    set_max_bytes(200)
+    assert produce_events(events, kafka_bootstrap, src) == len(events)
+    group = new_group()
+    w = WorkerProcess(kafka_bootstrap, stream_bundle_path, src, out, dlq, group, tmp_path / "s",
+                      tmp_path / "w.log")
+    w.start()
+    assert w.proc is not None
+    rc = w.proc.wait(120)
+    assert rc != 0, "the worker kept running although its outputs were refused"
+    assert "DeliveryError" in w.log_path.read_text(errors="replace")
+    set_max_bytes(1_048_588)
+    reader = TopicReader(kafka_bootstrap, out)
+    try:
+        w.start()  # same state directory
+        wait_for(reader, lambda m: _progress(m) >= len(events), 120, [w])
+        reader.poll(1.0)
+    finally:
+        assert w.stop() == 0, w.log_tail()
+        reader.close()
+    log = VectorLog.of(reader.messages)
+    stats = check_vectors(bundle, events, log)
+    stats.update(_final_states(kafka_bootstrap, group, bundle, events))
+    print("undeliverable output:", stats)
