@@ -182,7 +182,16 @@ class Engine:
                     self.prefix, st.seq, st.partition, st.offset, -1,
                     np.zeros((self.layers, self.hidden), np.float32),
                     np.zeros((self.layers, self.hidden), np.float32))
-            new = [(ev, rec) for ev, rec in evs if not st.is_replay(rec.partition, rec.offset)]
+            # Replays against the stored state *and* within the batch: a record can come
+            # twice in one batch (read back over a hole and also delivered by the consumer
+            # after it seeks back); only offsets beyond the last applied one are new.
+            new = []
+            last_p, last_o = st.partition, st.offset
+            for ev, rec in evs:
+                if rec.partition == last_p and rec.offset <= last_o:
+                    continue
+                new.append((ev, rec))
+                last_p, last_o = rec.partition, rec.offset
             result.replayed += len(evs) - len(new)
             if new:
                 users.append(uid)

@@ -117,6 +117,10 @@ def test_replayed_events_are_skipped(bundle, events):
     # A batch straddling the boundary applies only the new part.
     mixed = engine.process(records[250:400], store)
     assert mixed.replayed == 50 and mixed.applied == 100
+    # A record twice in one batch (read back over a hole and redelivered) applies once.
+    fresh = MemoryStateStore()
+    doubled = engine.process(records[:50] + records[20:40], fresh)
+    assert doubled.applied == 50 and doubled.replayed == 20
 
 
 def test_emit_latest_one_vector_per_user_per_batch(bundle, events):
