@@ -260,23 +260,13 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
             result = engine.process(records, pending)
             state["batches"] += 1
             pending.hold(result, state["batches"])
-            delivered = sink.send_tracked(result.outputs, result.dead, asyncio.get_running_loop())
-            await while_storing(inflight.put((state["batches"], events, records, result, delivered, t0)))
+            delivered = sink.send(result.outputs, result.dead, asyncio.get_running_loop())
+            # The storer never stops with an error (it ends the process, `fail_stop`), so
+            # waiting on it cannot hang.
+            await inflight.put((state["batches"], events, records, result, delivered, t0))
             if cfg.pipeline_depth == 0:  # one batch at a time
-                await while_storing(inflight.join())
+                await inflight.join()
             state["last_batch"] = time.monotonic()
-
-    async def while_storing(aw: Any) -> None:
-        """Await `aw` unless the storer stops first (a delivery error): then raise what
-        stopped it, so the worker stops instead of waiting for ever."""
-        task = asyncio.ensure_future(aw)
-        storer = state["storer"]
-        await asyncio.wait({task, storer}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            task.cancel()
-            storer.result()  # raises what stopped it
-            raise RuntimeError("the batch storer stopped")
-        task.result()
 
     @app.agent(in_topic, concurrency=1)
     async def encode(stream: Any) -> None:
@@ -285,9 +275,6 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
         try:
             async for events in stream.noack_take(cfg.max_batch, within=cfg.max_wait):
                 t0 = time.perf_counter()
-                if storer.done():
-                    storer.result()  # raises what stopped it
-                    raise RuntimeError("the batch storer stopped")
                 if not state["fetch_tuned"]:
                     state["fetch_tuned"] = _tune_consumer(app, cfg.fetch_max_wait_ms)
                 records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition,

@@ -124,8 +124,11 @@ class Continuity:
     async def complete(self, records: list[Record], generation: int) -> list[Record]:
         """`records` with every hole filled in, in offset order per partition."""
         loop = asyncio.get_running_loop()
-        await self._expect({r.partition: min(x.offset for x in records if x.partition == r.partition)
-                            for r in records}, generation)
+        first: dict[int, int] = {}
+        for r in records:
+            if r.offset < first.get(r.partition, r.offset + 1):
+                first[r.partition] = r.offset
+        await self._expect(first, generation)
         holes = find_holes(records, self.expected)
         if not holes:
             return records

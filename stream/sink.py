@@ -1,5 +1,5 @@
 """Output side of the worker: vectors and dead letters through one confluent-kafka
-producer, delivered (flushed) before the batch's states are written."""
+producer; each batch is acknowledged by the brokers before its states are written."""
 
 from __future__ import annotations
 
@@ -42,23 +42,11 @@ class Sink:
         self.dlq_topic = dlq_topic
         # Same key -> partition mapping as Kafka's Java clients and Faust.
         self.producer = reliable_producer(conf, partitioner="murmur2_random")
-        self._errors: list[str] = []
         self._poller: threading.Thread | None = None
         self._stopping = threading.Event()
 
-    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
-        if err is not None:
-            self._errors.append(f"{msg.topic()}: {err}")
-
-    def send(self, outputs: list[tuple[bytes, bytes]], dead: list[tuple[bytes | None, bytes, str]]) -> None:
-        for key, value in outputs:
-            produce_waiting(self.producer, self.out_topic, key, value, self._on_delivery)
-        for key, value, _ in dead:
-            produce_waiting(self.producer, self.dlq_topic, key, value, self._on_delivery)
-        self.producer.poll(0)
-
-    def send_tracked(self, outputs: list[tuple[bytes, bytes]], dead: list[tuple[bytes | None, bytes, str]],
-                     loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    def send(self, outputs: list[tuple[bytes, bytes]], dead: list[tuple[bytes | None, bytes, str]],
+             loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """Send one batch; the future resolves when every message of it is acknowledged
         (DeliveryError if any failed), independently of batches sent after it."""
         fut: asyncio.Future[None] = loop.create_future()
@@ -94,7 +82,7 @@ class Sink:
         return fut
 
     def _ensure_poller(self) -> None:
-        """A thread serving delivery reports as they come (`send_tracked`)."""
+        """A thread serving delivery reports as they come (`send`)."""
         if self._poller is None:
             self._poller = threading.Thread(target=self._poll_loop, name="clickvec-sink-poll", daemon=True)
             self._poller.start()
@@ -102,16 +90,6 @@ class Sink:
     def _poll_loop(self) -> None:
         while not self._stopping.is_set():
             self.producer.poll(0.05)
-
-    async def deliver(self, timeout: float = 30.0) -> None:
-        """Wait until every message sent so far is acknowledged by the brokers."""
-        loop = asyncio.get_running_loop()
-        remaining = await loop.run_in_executor(None, self.producer.flush, timeout)
-        if remaining:
-            raise DeliveryError(f"{remaining} messages not delivered within {timeout}s")
-        if self._errors:
-            errs, self._errors = self._errors, []
-            raise DeliveryError(f"{len(errs)} messages failed: {errs[:3]}")
 
     def close(self) -> None:
         self._stopping.set()

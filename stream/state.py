@@ -48,10 +48,6 @@ class UserState:
         z = np.zeros((layers, hidden), dtype=np.float32)
         return cls(model_prefix, 0, -1, -1, -1, z, z.copy())
 
-    def is_replay(self, partition: int, offset: int) -> bool:
-        """An event at or before the last applied offset of the same partition."""
-        return partition == self.partition and offset <= self.offset
-
     def pack(self, dtype: str = "f32") -> bytes:
         code = _DTYPE_CODES[dtype]
         dt = _DTYPES[code]
