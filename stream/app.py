@@ -26,6 +26,7 @@ from clickvec.kafkaconf import produce_waiting
 from stream.config import StreamConfig
 from stream.continuity import Continuity
 from stream.engine import Engine, EngineConfig, PendingStates, Record, StateStore
+from stream.feed import Batch, BatchFeed
 from stream.metrics import Metrics
 from stream.sink import DeliveryError, Sink, reliable_producer
 
@@ -254,7 +255,7 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
     applying = asyncio.Lock()
     state["last_batch"] = time.monotonic()
 
-    async def apply_batch(events: list[Any], records: list[Record], t0: float) -> None:
+    async def apply_batch(batch: Batch | None, records: list[Record], t0: float) -> None:
         async with applying:
             records = await continuity.complete(records, app.consumer_generation_id)
             result = engine.process(records, pending)
@@ -263,23 +264,27 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
             delivered = sink.send(result.outputs, result.dead, asyncio.get_running_loop())
             # The storer never stops with an error (it ends the process, `fail_stop`), so
             # waiting on it cannot hang.
-            await inflight.put((state["batches"], events, records, result, delivered, t0))
+            await inflight.put((state["batches"], batch, records, result, delivered, t0))
             if cfg.pipeline_depth == 0:  # one batch at a time
                 await inflight.join()
             state["last_batch"] = time.monotonic()
 
+    feed = BatchFeed(app, cfg.in_topic, cfg.max_batch, cfg.max_wait)
+    feed.install(app.consumer)
+
     @app.agent(in_topic, concurrency=1)
     async def encode(stream: Any) -> None:
-        storer = asyncio.ensure_future(store_batches(stream, inflight))
+        # The agent subscribes the input topic; its records arrive through `feed`, in
+        # whole fetches, not through the stream (stream/feed.py says why).
+        storer = asyncio.ensure_future(store_batches(inflight))
         state["storer"] = storer
         try:
-            async for events in stream.noack_take(cfg.max_batch, within=cfg.max_wait):
+            async for batch in feed.batches():
                 t0 = time.perf_counter()
                 if not state["fetch_tuned"]:
                     state["fetch_tuned"] = _tune_consumer(app, cfg.fetch_max_wait_ms)
-                records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition,
-                                  e.message.offset) for e in events]
-                await apply_batch(events, records, t0)
+                feed.track(batch)
+                await apply_batch(batch, batch.records, t0)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -294,7 +299,7 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
         reveal the hole): when the agent has been idle for two seconds and the consumer's
         position is past the next offset to apply, read the rest back and apply it."""
         storer = state.get("storer")
-        if (storer is None or storer.done() or app.rebalancing or applying.locked()
+        if (storer is None or storer.done() or app.rebalancing or applying.locked() or not feed.idle()
                 or time.monotonic() - state["last_batch"] < 2.0):
             return
         positions: dict[int, int] = {}
@@ -308,28 +313,28 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
                     positions[tp.partition] = pos
         records = await continuity.tail(positions, app.consumer_generation_id)
         if records:
-            await apply_batch([], records, time.perf_counter())
+            await apply_batch(None, records, time.perf_counter())
 
-    async def store_batches(stream: Any, inflight: asyncio.Queue[Any]) -> None:
+    async def store_batches(inflight: asyncio.Queue[Any]) -> None:
         try:
-            await _store_batches(stream, inflight)
+            await _store_batches(inflight)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             fail_stop(exc)
 
-    async def _store_batches(stream: Any, inflight: asyncio.Queue[Any]) -> None:
+    async def _store_batches(inflight: asyncio.Queue[Any]) -> None:
         while True:
-            batch, events, records, result, delivered, t0 = await inflight.get()
+            number, batch, records, result, delivered, t0 = await inflight.get()
             # Outputs are on the brokers: only now may the states say these events are applied.
             await delivered
             engine.commit_states(result, store)
             # The batch's events are acked (and later committed) only once their states
             # are on the changelog: a worker that takes the partitions over recovers them.
             await store.flush()
-            pending.release(result, batch)
-            for e in events:
-                await stream.ack(e)
+            pending.release(result, number)
+            if batch is not None:
+                feed.ack(batch, records)
             inflight.task_done()
             now = time.time()
             metrics.events_in.inc(len(records))

@@ -1,7 +1,7 @@
 """The batch path of the worker, free of Faust and Kafka: records in, one ONNX Runtime
 call, state values, vector messages and dead letters out.
 
-The Faust agent (stream/agents.py) feeds it `take_events` batches; tests and
+The Faust agent (stream/app.py) feeds it the batches of stream/feed.py; tests and
 benchmarks feed it directly. State is reached through `StateStore`, so the same code
 runs on the Faust table (RocksDB + changelog) and on a dict.
 """
