@@ -2,7 +2,7 @@
 
 Every stage imports this module: the synthetic generator and the producer write events
 in this schema, the trainer reads them, the stream parses Kafka bytes with `parse_event`
-and publishes `VectorMessage`s. It imports only the standard library and numpy.
+and publishes `VectorMessage`s. It imports only the standard library, numpy and orjson.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 # --------------------------------------------------------------------------- events
 
@@ -130,21 +131,60 @@ def parse_event(data: bytes | bytearray | memoryview | None) -> ClickEvent:
     """Turn raw message bytes into a `ClickEvent`, or raise `EventError` with a reason.
 
     Never raises anything else, whatever the bytes.
+
+    Valid events are parsed by orjson (about 5x faster than `json`); anything orjson or
+    the checks refuse is parsed again by the standard library, whose result and error
+    reason are the reference. The two agree on every document orjson accepts, except
+    integer literals beyond 64 bits, which orjson turns into floats: an event holding one
+    takes the reference path too.
     """
+    _check_size(data)
+    try:
+        obj = orjson.loads(data)  # type: ignore[arg-type]
+    except orjson.JSONDecodeError:
+        obj = None
+    if type(obj) is dict:
+        try:
+            ev = _event_of(obj)
+        except EventError:
+            pass
+        else:
+            if ev.amount is None or ev.amount < _BIG_AMOUNT:
+                return ev
+    return _event_of(_loads_reference(data))  # type: ignore[arg-type]
+
+
+def parse_event_reference(data: bytes | bytearray | memoryview | None) -> ClickEvent:
+    """`parse_event` through the standard library's `json` alone: the reference the
+    fast path is tested against."""
+    _check_size(data)
+    return _event_of(_loads_reference(data))  # type: ignore[arg-type]
+
+
+def _check_size(data: bytes | bytearray | memoryview | None) -> None:
     if data is None or len(data) == 0:
         raise EventError("empty_message", "message value is empty")
     if len(data) > MAX_MESSAGE_BYTES:
         raise EventError("oversized_message", f"{len(data)} bytes > {MAX_MESSAGE_BYTES}")
+
+
+_BIG_AMOUNT = float(2**63)  # the reference path turns integer amounts from here on into inf
+
+
+def _loads_reference(data: bytes | bytearray | memoryview) -> Any:
     try:
         text = bytes(data).decode("utf-8")
     except UnicodeDecodeError as e:
         raise EventError("bad_encoding", f"not UTF-8: {e.reason} at byte {e.start}") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant)
     except EventError:
         raise
     except (ValueError, RecursionError) as e:
         raise EventError("not_json", str(e)[:200]) from None
+
+
+def _event_of(obj: Any) -> ClickEvent:
     if not isinstance(obj, dict):
         raise EventError("not_an_object", f"top-level JSON is {type(obj).__name__}, not an object")
 

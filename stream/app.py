@@ -12,14 +12,14 @@ import logging
 import os
 import sys
 import time
-import weakref
+from collections.abc import Iterable
 from typing import Any, NoReturn
 
 import faust
 from confluent_kafka import KafkaError
 from confluent_kafka.admin import AdminClient, NewTopic
-from faust.streams import _current_event
 from faust.types import TP
+from rocksdict import WriteBatch
 
 from clickvec.bundle import load_bundle
 from clickvec.kafkaconf import produce_waiting
@@ -35,26 +35,16 @@ log = logging.getLogger(__name__)
 TABLE_NAME = "user-state"
 
 
-class _PartitionEvent:
-    """What Faust's RocksDB store reads from the current event: the message's partition."""
-
-    __slots__ = ("message", "__weakref__")
-
-    def __init__(self, partition: int) -> None:
-        self.message = _PartitionMessage(partition)
-
-
-class _PartitionMessage:
-    __slots__ = ("partition",)
-
-    def __init__(self, partition: int) -> None:
-        self.partition = partition
-
-
 class TableStore(StateStore):
-    """The Faust table as a `StateStore`. Faust picks the RocksDB partition from the
-    *current event*; for each read and write we point it at the partition of the record
-    that owns the user, so state always follows its input partition.
+    """The Faust table's RocksDB databases as a `StateStore`; a user's state lives in
+    the database of its input partition, as Faust's store keeps it (the partition of the
+    current event).
+
+    Reads and writes go straight to the partition's database (rocksdict, raw bytes, the
+    keys and values Faust's store would hold); a batch's states are written as one
+    `WriteBatch` per partition, as Faust applies changelog batches in recovery. Through
+    Faust's `table[k] = v`, each state was a separate RocksDB write, with a WAL append
+    each: 15% of the worker's event loop (benchmarks/results/profile_round3.txt).
 
     Changelog records go through a confluent-kafka producer rather than Faust's own
     (`table.send_changelog`): the bytes, topic and partition are the ones Faust would
@@ -68,7 +58,6 @@ class TableStore(StateStore):
         self.table = table
         self.topic = table.changelog_topic.get_topic_name()
         self.producer = reliable_producer(producer_conf)
-        self._events: dict[int, Any] = {}  # partition -> (shim, weakref) for Faust's store
         self._offsets: dict[int, int] = {}  # changelog partition -> last offset written
         self._errors: list[str] = []
 
@@ -78,29 +67,31 @@ class TableStore(StateStore):
         elif msg.offset() > self._offsets.get(msg.partition(), -1):
             self._offsets[msg.partition()] = msg.offset()
 
-    def _event_of(self, partition: int) -> Any:
-        ref = self._events.get(partition)
-        if ref is None:
-            shim = _PartitionEvent(partition)
-            ref = self._events[partition] = (shim, weakref.ref(shim))
-        return ref[1]
+    def _db(self, partition: int) -> Any:
+        # Not cached: Faust closes and reopens a partition's database across rebalances.
+        return self.table.data._db_for_partition(partition)
 
     def get(self, user_id: str, record: Record) -> bytes | None:
-        token = _current_event.set(self._event_of(record.partition))
-        try:
-            return self.table.get(user_id.encode())
-        finally:
-            _current_event.reset(token)
+        return self._db(record.partition).get(user_id.encode())
 
     def put(self, user_id: str, value: bytes, record: Record) -> None:
-        """Write RocksDB and send the changelog record; `flush` waits for the brokers."""
-        token = _current_event.set(self._event_of(record.partition))
-        try:
+        self.put_many([(user_id, value, record)])
+
+    def put_many(self, states: Iterable[tuple[str, bytes, Record]]) -> None:
+        """Write RocksDB (one batch per partition) and send the changelog records;
+        `flush` waits for the brokers."""
+        batches: dict[int, Any] = {}
+        producer, topic, on_delivery = self.producer, self.topic, self._on_delivery
+        for user_id, value, record in states:
             key = user_id.encode()
-            self.table.data[key] = value
-        finally:
-            _current_event.reset(token)
-        produce_waiting(self.producer, self.topic, key, value, self._on_delivery, partition=record.partition)
+            partition = record.partition
+            wb = batches.get(partition)
+            if wb is None:
+                wb = batches[partition] = WriteBatch(raw_mode=True)
+            wb.put(key, value)
+            produce_waiting(producer, topic, key, value, on_delivery, partition=partition)
+        for partition, wb in batches.items():
+            self._db(partition).write(wb)
 
     async def flush(self, timeout: float = 30.0) -> None:
         """Wait until every changelog record written so far is acknowledged, then record

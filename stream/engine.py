@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from clickvec.contract import ClickEvent, DeadLetter, EventError, VectorMessage, parse_event
 from clickvec.features import gap_bucket
@@ -47,6 +48,11 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     def put(self, user_id: str, value: bytes, record: Record) -> None: ...
+
+    def put_many(self, states: Iterable[tuple[str, bytes, Record]]) -> None:
+        """Write several (user_id, value, record) states; stores that can batch writes do."""
+        for user_id, value, record in states:
+            self.put(user_id, value, record)
 
 
 class MemoryStateStore(StateStore):
@@ -263,7 +269,8 @@ class Engine:
         enc = self.cfg.encoding
         every = self.cfg.emit == "every"
         fast = enc == "json"
-        zs_all = (z_seq if every else z_last).tolist()  # one conversion for the whole call
+        z_arr = z_seq if every else z_last
+        zs_all = z_arr if fast else z_arr.tolist()  # json: rows go to orjson as float32 arrays
         sur_all = surprise.tolist()  # (T, B)
         outputs = result.outputs
         for b, i in enumerate(idx):
@@ -275,7 +282,7 @@ class Engine:
             head = _json_head(uid, self.model_id) if fast else ""
             todo = enumerate(evs) if every else [(n - 1, evs[-1])]
             for t, (ev, rec) in todo:
-                z = zs_all[t][b] if every else zs_all[b]
+                z = zs_all[t, b] if fast and every else zs_all[t][b] if every else zs_all[b]
                 if fast:
                     outputs.append((key, _json_message(head, st.seq + t + 1, ev.ts, now_ms, z, sur_all[t][b],
                                                        _json_source(rec))))
@@ -293,14 +300,14 @@ class Engine:
     def commit_states(self, result: BatchResult, store: StateStore) -> None:
         """Write the batch's states. Call only after its outputs were delivered: a state
         that is stored implies its vectors reached the topic."""
-        for uid, value, rec in result.states:
-            store.put(uid, value, rec)
+        store.put_many(result.states)
 
 
 # The JSON vector message, built without json.dumps: `VectorMessage.to_bytes("json")` spends
-# most of its time in float repr (17 digits each). The vector is float32, so 9 significant
-# digits round-trip it exactly; field order and the other values are as in to_bytes.
-_VEC_FMT: dict[int, str] = {}
+# most of its time in float repr (17 digits each). The vector is float32: orjson writes
+# each value's shortest float32 form, which reads back to the same float32; field order
+# and the other values are as in to_bytes.
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 
 def _json_head(user_id: str, model_id: str) -> str:
@@ -318,14 +325,11 @@ def _json_source(rec: Record) -> str:
     return f'{t}[{rec.partition}]@{rec.offset}"'
 
 
-def _json_message(head: str, seq: int, event_ts: int, emit_ts: int, vector: list[float], surprise: float,
+def _json_message(head: str, seq: int, event_ts: int, emit_ts: int, vector: np.ndarray, surprise: float,
                   source_json: str) -> bytes:
-    fmt = _VEC_FMT.get(len(vector))
-    if fmt is None:
-        fmt = _VEC_FMT[len(vector)] = ",".join(["%.9g"] * len(vector))
     s = repr(surprise) if math.isfinite(surprise) else json.dumps(surprise)  # json.dumps' float form
-    vec = fmt % tuple(vector)
-    return (f'{head}"seq":{seq},"event_ts":{event_ts},"emit_ts":{emit_ts},"vector":[{vec}],'
+    vec = orjson.dumps(vector, option=_NUMPY).decode()
+    return (f'{head}"seq":{seq},"event_ts":{event_ts},"emit_ts":{emit_ts},"vector":{vec},'
             f'"surprise":{s},"source":{source_json}}}').encode()
 
 

@@ -24,6 +24,7 @@ from clickvec.contract import (
     decode_vector,
     encode_vector,
     parse_event,
+    parse_event_reference,
 )
 
 TS = 1_700_000_000_000
@@ -168,6 +169,33 @@ _near_valid = st.fixed_dictionaries(
 @given(_json_values | _event_like | _near_valid)
 def test_parse_arbitrary_json_raises_only_event_error(obj: object) -> None:
     _must_be_event_or_error(json.dumps(obj).encode())
+
+
+def _outcome(parse: object, data: bytes) -> object:
+    try:
+        return parse(data)  # type: ignore[operator]
+    except EventError as e:
+        return ("error", e.reason)
+
+
+@settings(max_examples=2000, deadline=None)
+@given((_json_values | _event_like | _near_valid).map(lambda o: json.dumps(o).encode()) | st.binary(max_size=256))
+def test_fast_parse_agrees_with_reference(data: bytes) -> None:
+    """orjson's fast path returns what the standard library's path returns, or the same
+    error reason, for any document (huge integers, NaN, lone surrogates included)."""
+    assert _outcome(parse_event, data) == _outcome(parse_event_reference, data)
+
+
+@pytest.mark.parametrize("doc", [
+    b'{"user_id":"u","item_id":123456789012345678901234567890,"event_type":"click","ts":1700000000000}',
+    b'{"user_id":"u","item_id":"i","event_type":"click","ts":1700000000000,"amount":123456789012345678901234567890}',
+    b'{"user_id":"u","item_id":"i","event_type":"click","ts":1700000000000,"amount":18446744073709551615}',
+    b'{"user_id":"u","item_id":"i","event_type":"click","ts":1.7e12,"amount":NaN}',
+    b'{"user_id":"\\ud800","item_id":"i","event_type":"click","ts":1700000000000}',
+    b'\xef\xbb\xbf{"user_id":"u","item_id":"i","event_type":"click","ts":1700000000000}',
+])
+def test_fast_parse_edge_documents(doc: bytes) -> None:
+    assert _outcome(parse_event, doc) == _outcome(parse_event_reference, doc)
 
 
 _ids = st.text(min_size=1, max_size=MAX_ID_CHARS).filter(lambda s: s.strip() != "")
