@@ -118,25 +118,35 @@ class Sender:
     def send(self, records: list[tuple[bytes, bytes]], rate: float | None = None,
              duration: float | None = None) -> tuple[int, float]:
         """Send in order, paced at `rate`/s when given (stopping after `duration` s);
-        return (count sent, seconds)."""
+        return (count sent, seconds).
+
+        Paced: every message whose due time has passed is sent, then the sender sleeps
+        until the next one is due (about 1 ms: at thousands of events/s messages leave
+        in small bursts). Each message's send time is taken when it is handed to the
+        producer. An earlier version spun on `poll(0)` between messages less than 0.5 ms
+        apart and took most of a core from the worker it was measuring."""
         t0 = time.perf_counter()
         n = 0
-        for k, v in records:
-            if rate:
-                due = t0 + n / rate
-                while True:
-                    now = time.perf_counter()
-                    if now >= due:
-                        break
+        total = len(records)
+        if not rate:
+            for k, v in records:
+                produce_waiting(self.p, self.topic, k, v, self._cb(time.time()), wait=0.01)
+                n += 1
+                if n % 200 == 0:
                     self.p.poll(0)
-                    if due - now > 0.0005:
-                        time.sleep(min(due - now, 0.002))
-                if duration is not None and now - t0 > duration:
-                    break
-            produce_waiting(self.p, self.topic, k, v, self._cb(time.time()), wait=0.01)
-            n += 1
-            if n % 200 == 0:
-                self.p.poll(0)
+        while rate and n < total:
+            now = time.perf_counter()
+            if duration is not None and now - t0 > duration:
+                break
+            due = min(total, int((now - t0) * rate) + 1)
+            while n < due:
+                k, v = records[n]
+                produce_waiting(self.p, self.topic, k, v, self._cb(time.time()), wait=0.01)
+                n += 1
+            self.p.poll(0)
+            wait = t0 + n / rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
         self.p.flush(60)
         if self.errors:
             raise RuntimeError(f"{self.errors} events not delivered")

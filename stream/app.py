@@ -82,6 +82,7 @@ class TableStore(StateStore):
         `flush` waits for the brokers."""
         batches: dict[int, Any] = {}
         producer, topic, on_delivery = self.producer, self.topic, self._on_delivery
+        produce = producer.produce
         for user_id, value, record in states:
             key = user_id.encode()
             partition = record.partition
@@ -89,7 +90,10 @@ class TableStore(StateStore):
             if wb is None:
                 wb = batches[partition] = WriteBatch(raw_mode=True)
             wb.put(key, value)
-            produce_waiting(producer, topic, key, value, on_delivery, partition=partition)
+            try:
+                produce(topic, value, key, partition, on_delivery)
+            except BufferError:  # local queue full: wait for deliveries to drain it
+                produce_waiting(producer, topic, key, value, on_delivery, partition=partition)
         for partition, wb in batches.items():
             self._db(partition).write(wb)
 
