@@ -127,8 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.state_dir).mkdir(parents=True, exist_ok=True)
     import faust
 
+    from stream.cli import _worker_class  # the worker's logging fix, so the baselines pay no more than it
+
     app = build(args)
-    faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False).execute_from_commandline()
+    _worker_class(faust)(app, loglevel="warning", quiet=True, redirect_stdouts=False).execute_from_commandline()
 
 
 if __name__ == "__main__":

@@ -211,6 +211,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     a1.set_ylabel("sustained events/s (backlog)")
     for i, r in enumerate(rates):
         a1.text(i, r, f"{r:,.0f}", ha="center", va="bottom", fontsize=8)
+    mo = result["model"].get("model_only")
+    if mo:
+        a1.axhline(mo["user_steps_per_s"], color="k", ls="--", lw=0.8)
+        a1.text(len(names) - 0.5, mo["user_steps_per_s"], "model alone (ORT step)", ha="right", va="bottom",
+                fontsize=7)
     x = np.arange(len(names))
     for j, (q, lab) in enumerate((("p50", "p50"), ("p99", "p99"), ("p999", "p99.9"))):
         vals = [(result["contenders"][n].get("paced") or {}).get("latency_ms", {}).get(q) or 0 for n in names]
@@ -235,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--max-batch", type=int, default=1024, help="clickvec and ceiling batch size")
     p.add_argument("--max-wait", type=float, default=0.005)
+    p.add_argument("--latency-fractions", type=float, nargs="*", default=[0.25],
+                   help="extra paced runs (clickvec and ceiling) at these fractions of clickvec's backlog rate")
     p.add_argument("--bootstrap", default=None, help="use this broker instead of starting one")
     p.add_argument("--out", type=Path, default=common.RESULTS / ("pipeline.json"))
     p.add_argument("--no-plot", action="store_true")
@@ -266,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
             model = {"dims": dims, "model_id": b.model_id,
                      "params": json.loads((work / "model.json").read_text())["params"],
                      "weights": "random (cost does not depend on them)"}
+            model["model_only"] = model_only(bundle)
             del b
             events = make_events(n_events, n_users, seed=1)
             ctx = {"bootstrap": bootstrap, "work": work, "bundle": bundle, "partitions": a.partitions}
@@ -280,6 +288,13 @@ def main(argv: list[str] | None = None) -> None:
             for name in a.contenders:
                 contenders[name]["paced"] = paced_run(name, paced_events, warm, paced_rate, paced_s, ctx,
                                                       max_batch=a.max_batch, max_wait=a.max_wait)
+            # Latency at lower fractions of clickvec's backlog rate, for clickvec and the ceiling.
+            for frac in a.latency_fractions:
+                rate = round(ref * frac)
+                for name in [n for n in a.contenders if n in ("clickvec", "ceiling")]:
+                    r = paced_run(name, paced_events, warm, rate, paced_s, ctx, max_batch=a.max_batch,
+                                  max_wait=a.max_wait)
+                    contenders[name].setdefault("paced_fractions", []).append({"fraction": frac, **r})
         finally:
             if broker is not None:
                 broker.stop()
@@ -306,6 +321,31 @@ def main(argv: list[str] | None = None) -> None:
                       **{n: {"ev_s": round(c["backlog"]["events_per_s"]),
                              "lat_ms": c.get("paced", {}).get("latency_ms")} for n, c in contenders.items()}},
                      indent=1))
+
+
+def model_only(bundle: Path, batch: int = 128, seconds: float = 2.0) -> dict[str, Any]:
+    """The step graph alone, as the worker calls it (one thread, `batch` users a call, one
+    new event each): an upper bound on any worker running this model on this machine."""
+    from clickvec.bundle import load_bundle
+
+    b = load_bundle(bundle, providers="cpu", intra_op_threads=1)
+    rng = np.random.default_rng(0)
+    dims = b.manifest["dims"]
+    items = rng.integers(1, dims["n_items"], size=(1, batch)).astype(np.int64)
+    etypes = np.ones((1, batch), np.int64)
+    gaps = np.ones((1, batch), np.int64)
+    lengths = np.ones(batch, np.int32)
+    h = np.zeros((b.layers, batch, b.hidden), np.float32)
+    c = np.zeros_like(h)
+    b.step(items, etypes, gaps, lengths, h, c)
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        b.step(items, etypes, gaps, lengths, h, c)
+        n += 1
+    dt = time.perf_counter() - t0
+    return {"batch": batch, "intra_op_threads": 1, "calls": n, "user_steps_per_s": n * batch / dt,
+            "note": "ONNX Runtime step alone, no Kafka, no state, no parsing"}
 
 
 def _ratios(c: dict[str, dict[str, Any]]) -> dict[str, float]:
