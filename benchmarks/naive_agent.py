@@ -125,12 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+    # The worker's logging fix, so the baselines pay no more than it does.
     import faust
 
-    from stream.cli import _worker_class  # the worker's logging fix, so the baselines pay no more than it
+    from stream.cli import worker_class
 
     app = build(args)
-    _worker_class(faust)(app, loglevel="warning", quiet=True, redirect_stdouts=False).execute_from_commandline()
+    worker_class(faust)(app, loglevel="warning", quiet=True, redirect_stdouts=False).execute_from_commandline()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from benchmarks.common import Child, Reader, Sender, create_topic, make_events, 
 
 log = logging.getLogger("pipeline")
 CONTENDERS = ("clickvec", "ceiling", "naive", "recompute")
+WARM_S = 3.0  # seconds at the full paced rate before latency is counted
 
 
 def free_port() -> int:
@@ -131,7 +132,7 @@ def backlog_run(name: str, events: list[tuple[bytes, bytes]], ctx: dict[str, Any
 
 def paced_run(name: str, events: list[tuple[bytes, bytes]], warmup: list[tuple[bytes, bytes]], rate: float,
               duration: float, ctx: dict[str, Any], drain_s: float = 15.0, max_batch: int = 1024,
-              max_wait: float = 0.005, extra: list[str] | None = None, warm_s: float = 3.0) -> dict[str, Any]:
+              max_wait: float = 0.005, extra: list[str] | None = None, warm_s: float = WARM_S) -> dict[str, Any]:
     """The worker running and warmed up first, then events at `rate`/s for `warm_s` +
     `duration` s; latency counts the events sent in the last `duration` s (the first
     `warm_s` s at full rate let the worker reach its steady state: its first batches at a
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
                 contenders[name] = {"backlog": backlog_run(name, events, ctx, cap_s, a.max_batch, a.max_wait)}
             ref = contenders.get("clickvec", contenders[a.contenders[0]])["backlog"]["events_per_s"]
             paced_rate = round(ref / 2)
-            paced_events = make_events(int(paced_rate * (paced_s + 3.0)) + 1000, n_users, seed=2)
+            paced_events = make_events(int(paced_rate * (paced_s + WARM_S)) + 1000, n_users, seed=2)
             warm = make_events(200, 200, seed=3)
             warm = [(b"w" + k, v.replace(b'"user_id":"u', b'"user_id":"wu')) for k, v in warm]
             for name in a.contenders:

@@ -100,7 +100,7 @@ def profile_engine(engine: Any, bundle: Any, out: Path, users: int = 1024, round
 
 
 def worker_curves(bundle_path: Path, quick: bool) -> list[dict[str, Any]]:
-    from benchmarks.pipeline import backlog_run, paced_run
+    from benchmarks.pipeline import WARM_S, backlog_run, paced_run
 
     rows = []
     n = 20_000 if quick else 40_000
@@ -118,8 +118,9 @@ def worker_curves(bundle_path: Path, quick: bool) -> list[dict[str, Any]]:
             for mb, mw in settings:
                 b = backlog_run("clickvec", events, ctx, 10.0 if quick else 20.0, mb, mw)
                 rate = max(100, round(b["events_per_s"] / 2))
-                paced = common.make_events(int(rate * 12) + 500, 2000, seed=2)
-                p = paced_run("clickvec", paced, warm, rate, 5.0 if quick else 8.0, ctx, 10.0, mb, mw)
+                paced_s = 5.0 if quick else 8.0
+                paced = common.make_events(int(rate * (paced_s + WARM_S)) + 500, 2000, seed=2)
+                p = paced_run("clickvec", paced, warm, rate, paced_s, ctx, 10.0, mb, mw)
                 rows.append({"max_batch": mb, "max_wait": mw, "events_per_s": b["events_per_s"],
                              "paced_rate": rate, "latency_ms": p["latency_ms"],
                              "delivered_fraction": p["delivered_fraction"]})

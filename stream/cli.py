@@ -18,7 +18,7 @@ from stream import config as config_mod
 log = logging.getLogger(__name__)
 
 
-def _worker_class(faust: Any) -> Any:
+def worker_class(faust: Any) -> Any:
     class Worker(faust.Worker):  # type: ignore[misc, name-defined]
         """Faust's worker with the root logger at the requested level. Faust (mode) leaves
         the root logger at DEBUG and filters in the handler, so every debug call of
@@ -53,6 +53,6 @@ def main(argv: list[str]) -> int:
         from stream.logjson import logging_config
 
         extra["logging_config"] = logging_config(args.loglevel)
-    worker = _worker_class(faust)(app, loglevel=args.loglevel, quiet=True, redirect_stdouts=False, **extra)
+    worker = worker_class(faust)(app, loglevel=args.loglevel, quiet=True, redirect_stdouts=False, **extra)
     worker.execute_from_commandline()
     return 0

@@ -282,7 +282,7 @@ class Engine:
             head = _json_head(uid, self.model_id) if fast else ""
             todo = enumerate(evs) if every else [(n - 1, evs[-1])]
             for t, (ev, rec) in todo:
-                z = zs_all[t, b] if fast and every else zs_all[t][b] if every else zs_all[b]
+                z = zs_all[t][b] if every else zs_all[b]
                 if fast:
                     outputs.append((key, _json_message(head, st.seq + t + 1, ev.ts, now_ms, z, sur_all[t][b],
                                                        _json_source(rec))))

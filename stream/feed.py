@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -60,11 +59,10 @@ class BatchToken:
 
 
 class Batch:
-    __slots__ = ("records", "generation", "token")
+    __slots__ = ("records", "token")
 
-    def __init__(self, records: list[Record], generation: int) -> None:
+    def __init__(self, records: list[Record]) -> None:
         self.records = records
-        self.generation = generation
         self.token: BatchToken | None = None
 
 
@@ -82,8 +80,6 @@ class BatchFeed:
         self.max_wait = max(0.0, max_wait)
         self._fetches: asyncio.Queue[tuple[int, list[Record]]] = asyncio.Queue(maxsize=queued_fetches)
         self._tps: dict[int, TP] = {}
-        self._tracked: set[BatchToken] = set()  # strong references for the WeakSet
-        self.dropped = 0  # records dropped as fetched under an earlier generation
 
     # -- the consumer side -------------------------------------------------------------
 
@@ -149,8 +145,7 @@ class BatchFeed:
             if not batch:
                 continue
             if app.consumer_generation_id != generation or not consumer.flow_active:
-                self.dropped += len(batch)
-                continue
+                continue  # dropped, as Faust drops messages of an earlier generation
             await consumer.wait_first(self._fetches.put((generation, batch)), consumer.suspend_flow.wait())
 
     # -- the agent side ----------------------------------------------------------------
@@ -158,12 +153,11 @@ class BatchFeed:
     async def batches(self) -> AsyncIterator[Batch]:
         loop = asyncio.get_running_loop()
         fetches = self._fetches
-        left: deque[Record] = deque()
+        left: list[Record] = []
         left_generation = -1
         while True:
             if left:
-                generation, records = left_generation, list(left)
-                left.clear()
+                generation, records, left = left_generation, left, []
             else:
                 generation, records = await fetches.get()
             deadline = loop.time() + self.max_wait
@@ -174,29 +168,26 @@ class BatchFeed:
                         break
                     try:
                         more_generation, more = await asyncio.wait_for(fetches.get(), remaining)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
                 else:
                     more_generation, more = fetches.get_nowait()
                 if more_generation != generation:  # the earlier ones are stale
-                    self.dropped += len(records)
                     generation, records = more_generation, more
                 else:
                     records.extend(more)
             if len(records) > self.max_batch:
-                left.extend(records[self.max_batch:])
-                left_generation = generation
+                left, left_generation = records[self.max_batch:], generation
                 del records[self.max_batch:]
             if generation != self.app.consumer_generation_id or not self.app.consumer.flow_active:
-                self.dropped += len(records)
                 continue
-            yield Batch(records, generation)
+            yield Batch(records)
 
     def track(self, batch: Batch) -> None:
         """Count the batch as in flight: a rebalance or a stop waits until it is acked."""
-        token = batch.token = BatchToken(len(batch.records))
-        self._tracked.add(token)
-        self.app.consumer._unacked_messages.add(token)
+        # The batch holds the token until it is acked: the WeakSet keeps it that long.
+        batch.token = BatchToken(len(batch.records))
+        self.app.consumer._unacked_messages.add(batch.token)
 
     def ack(self, batch: Batch, records: list[Record]) -> None:
         """Mark the offsets of `records` done (Faust commits them with its next commit)."""
@@ -222,7 +213,6 @@ class BatchFeed:
             if token is not None:
                 token.acked = True
                 consumer._unacked_messages.discard(token)
-                self._tracked.discard(token)
                 waiter = consumer._waiting_for_ack
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
