@@ -12,7 +12,7 @@ import signal
 
 from confluent_kafka import Consumer, Producer
 
-from clickvec.kafkaconf import produce_waiting
+from clickvec.kafka import produce_waiting
 
 
 def main(argv: list[str] | None = None) -> None:

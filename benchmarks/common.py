@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from clickvec.kafkaconf import produce_waiting
+from clickvec.kafka import produce_waiting
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -37,11 +37,11 @@ def make_bundle(root: Path, n_items: int = N_ITEMS, seed: int = 0) -> Path:
     """A randomly initialised default-size encoder exported to `root/bundle` (weights do
     not change the cost)."""
     import torch
+    from clickvec.export.writer import export_bundle
+    from clickvec.training.checkpoint import save_checkpoint
+    from clickvec.training.model import Encoder, ModelConfig
 
     from clickvec.features import FeatureSpec
-    from export.bundle import export_bundle
-    from training.checkpoint import save_checkpoint
-    from training.model import Encoder, ModelConfig
 
     spec = FeatureSpec(items=tuple(f"item-{i}" for i in range(n_items)))
     torch.manual_seed(seed)
@@ -57,7 +57,7 @@ def make_events(n: int, users: int, seed: int = 0, n_items: int = N_ITEMS,
                 start_ms: int = 1_767_225_600_000) -> list[tuple[bytes, bytes]]:
     """`n` contract events (key = user id) from `users` users drawn uniformly, in time
     order, a few seconds apart per user."""
-    from clickvec.contract import EVENT_TYPES
+    from clickvec.contract.events import EVENT_TYPES
 
     rng = np.random.default_rng(seed)
     uids = rng.integers(0, users, n)
@@ -189,7 +189,7 @@ class Reader:
 
 def source_of(value: bytes) -> str:
     """The input event's "topic[partition]@offset" of an output message (JSON or binary)."""
-    from clickvec.contract import VectorMessage
+    from clickvec.contract.messages import VectorMessage
 
     if value[:1] == b"{":
         return json.loads(value)["source"]
@@ -293,7 +293,7 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     try:
-        from clickvec.broker import KAFKA_VERSION
+        from clickvec.devtools.broker import KAFKA_VERSION
 
         out["kafka"] = KAFKA_VERSION
     except ImportError:

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from clickvec.stream.worker.state import UserState, model_id_prefix
 
-from clickvec.bundle import load_bundle
-from clickvec.contract import EventError, VectorMessage, parse_event
+from clickvec.bundle.reader import load_bundle
+from clickvec.contract.events import EventError, parse_event
+from clickvec.contract.messages import VectorMessage
 from clickvec.features import gap_bucket
-from stream.state import UserState, model_id_prefix
 
 
 class Recompute:
@@ -48,8 +49,7 @@ class Recompute:
 
 def build(args: argparse.Namespace) -> Any:
     import faust
-
-    from stream.app import TABLE_NAME
+    from clickvec.stream.worker.app import TABLE_NAME
 
     bundle = load_bundle(args.model, providers="cpu", intra_op_threads=1)
     prefix = model_id_prefix(bundle.model_id)
@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.state_dir).mkdir(parents=True, exist_ok=True)
     # The worker's logging fix, so the baselines pay no more than it does.
     import faust
-
-    from stream.cli import worker_class
+    from clickvec.stream.worker.cli import worker_class
 
     app = build(args)
     worker_class(faust)(app, loglevel="warning", quiet=True, redirect_stdouts=False).execute_from_commandline()

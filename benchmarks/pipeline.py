@@ -261,13 +261,13 @@ def main(argv: list[str] | None = None) -> None:
         if a.bootstrap:
             bootstrap = a.bootstrap
         else:
-            from clickvec import broker as broker_mod
+            from clickvec.devtools import broker as broker_mod
 
             broker = broker_mod.start(work / "kafka")
             bootstrap = broker.bootstrap
         try:
             bundle = common.make_bundle(work)
-            from clickvec.bundle import load_bundle
+            from clickvec.bundle.reader import load_bundle
 
             b = load_bundle(bundle, providers="cpu")
             dims = b.manifest["dims"]
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
 def model_only(bundle: Path, batch: int = 128, seconds: float = 2.0) -> dict[str, Any]:
     """The step graph alone, as the worker calls it (one thread, `batch` users a call, one
     new event each): an upper bound on any worker running this model on this machine."""
-    from clickvec.bundle import load_bundle
+    from clickvec.bundle.reader import load_bundle
 
     b = load_bundle(bundle, providers="cpu", intra_op_threads=1)
     rng = np.random.default_rng(0)

@@ -26,10 +26,10 @@ sys.path.insert(0, str(REPO / "tests"))
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 from stream_util import TopicReader, VectorLog, WorkerProcess, wait_for  # noqa: E402
 
-from clickvec import broker  # noqa: E402
-from clickvec.bundle import load_bundle  # noqa: E402
-from clickvec.produce import produce_events  # noqa: E402
-from clickvec.synth import SynthConfig, generate_events  # noqa: E402
+from clickvec.bundle.reader import load_bundle  # noqa: E402
+from clickvec.devtools import broker  # noqa: E402
+from clickvec.devtools.produce import produce_events  # noqa: E402
+from clickvec.devtools.synth import SynthConfig, generate_events  # noqa: E402
 
 
 def one_run(bootstrap: str, bundle_path: Path, events, tmp: Path) -> dict:

@@ -40,10 +40,10 @@ STORED_SEQ = 7
 
 def fill_changelog(bootstrap: str, topic: str, users: int, bundle: Any) -> float:
     """N state values keyed by user id, each on the partition its input events use."""
+    from clickvec.stream.worker.state import UserState, model_id_prefix
     from confluent_kafka import Producer
 
-    from clickvec.kafkaconf import produce_waiting
-    from stream.state import UserState, model_id_prefix
+    from clickvec.kafka import produce_waiting
 
     prefix = model_id_prefix(bundle.model_id)
     rng = np.random.default_rng(0)
@@ -69,8 +69,8 @@ def fill_changelog(bootstrap: str, topic: str, users: int, bundle: Any) -> float
 def one(bootstrap: str, bundle_path: Path, bundle: Any, users: int, work: Path) -> dict[str, Any]:
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from clickvec.contract import ClickEvent
-    from clickvec.produce import produce_events
+    from clickvec.contract.events import ClickEvent
+    from clickvec.devtools.produce import produce_events
 
     in_topic = create_topic(bootstrap, "rec-in", PARTITIONS)
     out_topic = create_topic(bootstrap, "rec-out", PARTITIONS)
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bootstrap", help="use this broker instead of starting one")
     p.add_argument("--out", default=str(common.RESULTS / "recovery.json"))
     a = p.parse_args(argv)
-    from clickvec import broker
-    from clickvec.bundle import load_bundle
+    from clickvec.bundle.reader import load_bundle
+    from clickvec.devtools import broker
 
     with tempfile.TemporaryDirectory(prefix="clickvec-recovery-") as d:
         work = Path(d)

@@ -42,9 +42,10 @@ HISTORIES = (1, 10, 100, 1000, 10000)
 def engine_batch(bundle: Any, users: int, history: int, seed: int = 0) -> tuple[list, Any]:
     """`users` records (one new event each) and a MemoryStateStore whose users already
     applied `history` events."""
-    from clickvec.contract import EVENT_TYPES
-    from stream.engine import MemoryStateStore, records_from
-    from stream.state import UserState, model_id_prefix
+    from clickvec.stream.worker.engine import MemoryStateStore, records_from
+    from clickvec.stream.worker.state import UserState, model_id_prefix
+
+    from clickvec.contract.events import EVENT_TYPES
 
     rng = np.random.default_rng(seed)
     store = MemoryStateStore()
@@ -107,7 +108,7 @@ def worker_curves(bundle_path: Path, quick: bool) -> list[dict[str, Any]]:
     events = common.make_events(n, 2000, seed=1)
     warm = [(b"w" + k, v.replace(b'"user_id":"u', b'"user_id":"wu')) for k, v in common.make_events(100, 100, seed=3)]
     with tempfile.TemporaryDirectory(prefix="clickvec-scaling-") as tmp:
-        from clickvec import broker as broker_mod
+        from clickvec.devtools import broker as broker_mod
 
         broker = broker_mod.start(Path(tmp) / "kafka")
         try:
@@ -137,9 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=common.RESULTS / "pipeline_scaling.json")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from clickvec.bundle import load_bundle
-    from stream.engine import Engine
-    from stream.state import HEADER_BYTES
+    from clickvec.stream.worker.engine import Engine
+    from clickvec.stream.worker.state import HEADER_BYTES
+
+    from clickvec.bundle.reader import load_bundle
 
     load_before = list(os.getloadavg())
     res: dict[str, Any] = {"benchmark": "pipeline_scaling", "what": __doc__.split("\n\n")[1].strip()}

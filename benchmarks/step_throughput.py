@@ -2,7 +2,7 @@
 
 Exports a randomly initialised default-size encoder (item_dim 64, hidden 128, z_dim 32,
 ~5k items; the weights do not change the cost) to a temporary bundle, loads it with
-`clickvec.bundle.load_bundle` exactly as the stream does, and times one ONNX Runtime call
+`clickvec.bundle.reader.load_bundle` exactly as the stream does, and times one ONNX Runtime call
 per micro-batch of B users with one new event each. Writes
 benchmarks/results/step_throughput.json.
 
@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from clickvec.export.writer import export_bundle
+from clickvec.training.checkpoint import save_checkpoint
+from clickvec.training.model import Encoder, ModelConfig
 
-from clickvec.bundle import load_bundle
+from clickvec.bundle.reader import load_bundle
 from clickvec.features import FeatureSpec
-from export.bundle import export_bundle
-from training.checkpoint import save_checkpoint
-from training.model import Encoder, ModelConfig
 
 log = logging.getLogger("step_throughput")
 RESULTS = Path(__file__).parent / "results" / "step_throughput.json"
@@ -109,7 +109,7 @@ def main() -> None:
     best = {v: max(c["rows"], key=lambda r: r["user_steps_per_s"]) for v, c in curves.items()}
     result = {
         "benchmark": "step_throughput",
-        "what": "one ORT call per micro-batch of B users, T=1 new event each, via clickvec.bundle.load_bundle; "
+        "what": "one ORT call per micro-batch of B users, T=1 new event each, via clickvec.bundle.reader.load_bundle; "
                 "includes the full-catalogue surprise (log-softmax over n_items)",
         "dims": dims,
         "intra_op_threads": a.threads or "ort default",

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from clickvec.training.config import TrainConfig
+from clickvec.training.data import bucket_batches, load_histories, make_split
+from clickvec.training.model import Encoder
+from clickvec.training.train import Objective, model_config, seed_everything
 
-from clickvec.synth import SynthConfig, generate_table
-from training.config import TrainConfig
-from training.data import bucket_batches, load_histories, make_split
-from training.model import Encoder
-from training.train import Objective, model_config, seed_everything
+from clickvec.devtools.synth import SynthConfig, generate_table
 
 
 def main() -> int:

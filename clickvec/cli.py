@@ -9,15 +9,15 @@ import logging
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "broker": ("clickvec.broker", "start/stop the local Apache Kafka broker (deploy/kafka)"),
-    "synth": ("clickvec.synth", "generate synthetic click streams with planted structure"),
-    "produce": ("clickvec.produce", "send events (synthetic or from a file) to a Kafka topic"),
-    "train": ("training.cli", "train the LSTM encoder offline (needs the [train] extra)"),
-    "export": ("export.cli", "export a trained run to a verified ONNX model bundle"),
-    "stream": ("stream.cli", "run the Faust stream worker"),
-    "alerts": ("stream.alerts", "fraud-alerting consumer of the vector topic"),
-    "recommend": ("stream.recommend", "live recommendation consumer of the vector topic"),
-    "run": ("clickvec.mainjob", "the whole pipeline in one command"),
+    "broker": ("clickvec.devtools.broker", "start/stop the local Apache Kafka broker (deploy/kafka)"),
+    "synth": ("clickvec.devtools.synth", "generate synthetic click streams with planted structure"),
+    "produce": ("clickvec.devtools.produce", "send events (synthetic or from a file) to a Kafka topic"),
+    "train": ("clickvec.training.cli", "train the LSTM encoder offline (needs the [train] extra)"),
+    "export": ("clickvec.export.cli", "export a trained run to a verified ONNX model bundle"),
+    "stream": ("clickvec.stream.worker.cli", "run the Faust stream worker"),
+    "alerts": ("clickvec.stream.consumers.alerts", "fraud-alerting consumer of the vector topic"),
+    "recommend": ("clickvec.stream.consumers.recommend", "live recommendation consumer of the vector topic"),
+    "run": ("clickvec.run.job", "the whole pipeline in one command"),
 }
 
 

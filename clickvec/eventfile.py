@@ -20,7 +20,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from clickvec.contract import REQUIRED_FIELDS, ClickEvent, ClickvecError, EventError, parse_event
+from clickvec.contract.events import REQUIRED_FIELDS, ClickEvent, EventError, parse_event
+from clickvec.errors import ClickvecError
 
 EVENT_SCHEMA = pa.schema(
     [

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from clickvec.contract import EVENT_TYPES
+from clickvec.contract.events import EVENT_TYPES
 
 PAD = 0
 OOV = 1

@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from clickvec.contract import ClickvecError
+from clickvec.errors import ClickvecError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class ExportConfig:
 
 
 def parse_args(argv: list[str]) -> ExportConfig:
-    from export.bundle import MIN_COSINE
+    from clickvec.export.writer import MIN_COSINE
 
     p = argparse.ArgumentParser(prog="clickvec export", description=__doc__)
     p.add_argument("run", help="training run directory (best.pt, else last.pt) or a .pt checkpoint")
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("export config: %s", json.dumps(asdict(cfg)))
-    from export.bundle import export_bundle, load_sequences
+    from clickvec.export.writer import export_bundle, load_sequences
 
     try:
         seqs = load_sequences(cfg.sequences) if cfg.sequences else None

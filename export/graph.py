@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from clickvec.training.model import Encoder
 from onnx import TensorProto, helper, numpy_helper
 
-from clickvec.contract import (
+from clickvec.bundle.format import (
     IN_C,
     IN_ETYPE,
     IN_GAP,
@@ -41,7 +42,6 @@ from clickvec.contract import (
     OUT_Z_LAST,
     OUT_Z_SEQ,
 )
-from training.model import Encoder
 
 OPSET = 17  # LSTM-14, LogSoftmax-13, GatherElements-13: all mature in ORT's CPU and CUDA EPs
 IR_VERSION = 8  # the IR that goes with opset 17; readable by every ORT since 1.11

@@ -24,7 +24,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if external:
         yield external
         return
-    from clickvec import broker
+    from clickvec.devtools import broker
 
     data_dir = tmp_path_factory.mktemp("kafka")
     try:
@@ -77,12 +77,12 @@ def stream_bundle_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small exported model bundle (random weights over the synthetic catalogue) for
     stream tests: the stream's correctness property does not depend on training."""
     import torch
+    from clickvec.export.writer import export_bundle
+    from clickvec.training.checkpoint import save_checkpoint
+    from clickvec.training.model import Encoder, ModelConfig
 
+    from clickvec.devtools.synth import SynthConfig, generate_table
     from clickvec.features import FeatureSpec
-    from clickvec.synth import SynthConfig, generate_table
-    from export.bundle import export_bundle
-    from training.checkpoint import save_checkpoint
-    from training.model import Encoder, ModelConfig
 
     d = tmp_path_factory.mktemp("bundle")
     torch.manual_seed(0)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 import uuid
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+from confluent_kafka import Consumer, KafkaException, Message
+
+from clickvec.kafka import PARTITION_EOF
 
 
 def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[Message]:
@@ -31,7 +33,7 @@ def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 60) 
                 err = m.error()
                 if err is None:
                     out.append(m)
-                elif err.code() != KafkaError._PARTITION_EOF:
+                elif err.code() != PARTITION_EOF:
                     raise KafkaException(err)
     finally:
         c.close()

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka import Consumer, KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaException
 
-from clickvec.contract import ClickEvent, DeadLetter, VectorMessage
+from clickvec.contract.events import ClickEvent
+from clickvec.contract.messages import DeadLetter, VectorMessage
+from clickvec.kafka import PARTITION_EOF
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +97,7 @@ class TopicReader:
         for m in self.c.consume(num_messages=10_000, timeout=seconds):
             err = m.error()
             if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
+                if err.code() == PARTITION_EOF:
                     continue
                 raise KafkaException(err)
             self.messages.append((m.key(), m.value()))

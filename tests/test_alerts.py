@@ -18,12 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from stream_util import REPO, TopicReader, VectorLog, WorkerProcess, wait_for
-
-from clickvec.contract import ClickEvent, VectorMessage
-from clickvec.produce import produce_events
-from clickvec.synth import SynthConfig, anomalies, generate_table
-from stream.alerts import (
+from clickvec.stream.consumers.alerts import (
     AlertConfig,
     AlertScorer,
     ScoreSeries,
@@ -31,6 +26,12 @@ from stream.alerts import (
     evaluate_alerts,
     rate_baseline_series,
 )
+from stream_util import REPO, TopicReader, VectorLog, WorkerProcess, wait_for
+
+from clickvec.contract.events import ClickEvent
+from clickvec.contract.messages import VectorMessage
+from clickvec.devtools.produce import produce_events
+from clickvec.devtools.synth import SynthConfig, anomalies, generate_table
 
 N_USERS = 2000
 EVAL_FROM = 1600  # users u01600.. are held out of training and streamed
@@ -50,11 +51,11 @@ def train_tiny_bundle(train: pa.Table, catalogue: Sequence[str], out: Path, step
     type too."""
     import torch
     import torch.nn.functional as F
+    from clickvec.export.writer import export_bundle
+    from clickvec.training.checkpoint import save_checkpoint
+    from clickvec.training.model import Encoder, ModelConfig
 
     from clickvec.features import FeatureSpec
-    from export.bundle import export_bundle
-    from training.checkpoint import save_checkpoint
-    from training.model import Encoder, ModelConfig
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -113,7 +114,7 @@ def offline_vectors(bundle_path: Path, table: pa.Table, batch: int = 256) -> lis
     """The vector messages the stream publishes for `table` (stream = offline, proven by
     the export and stream tests), computed offline with the bundle: one step call per
     batch of users over their whole sequences. In (event_ts, user, seq) order."""
-    from clickvec.bundle import load_bundle
+    from clickvec.bundle.reader import load_bundle
 
     b = load_bundle(bundle_path, providers="cpu")
     hist: dict[str, tuple[list, list, list]] = {}

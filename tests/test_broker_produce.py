@@ -16,9 +16,9 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from kafka_util import consume_all
 
-from clickvec.contract import ClickEvent, parse_event
-from clickvec.kafkaconf import add_kafka_arguments, kafka_client_config
-from clickvec.produce import TokenBucket, produce_events
+from clickvec.contract.events import ClickEvent, parse_event
+from clickvec.devtools.produce import TokenBucket, produce_events
+from clickvec.kafka import add_kafka_arguments, kafka_client_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def _assert_per_user_order(msgs: list, expected: list[ClickEvent]) -> None:
 
 @pytest.mark.broker
 def test_produce_cli_10k_events_keep_per_user_order(kafka_bootstrap: str) -> None:
-    from clickvec.synth import SynthConfig, generate_events
+    from clickvec.devtools.synth import SynthConfig, generate_events
 
     n = 10_000
     expected = generate_events(SynthConfig(n_users=500, seed=7))
@@ -96,7 +96,7 @@ def test_produce_events_api_interleaved_users_and_rate(kafka_bootstrap: str, new
 
 def test_produce_to_unreachable_broker_fails_fast() -> None:
     ev = [ClickEvent("u", "i", "view", 1_700_000_000_000)]
-    from clickvec.produce import ProduceError
+    from clickvec.devtools.produce import ProduceError
 
     with pytest.raises(ProduceError):
         produce_events(

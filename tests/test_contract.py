@@ -11,21 +11,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clickvec.contract import (
+from clickvec.contract.events import (
     ERROR_REASONS,
     MAX_ID_CHARS,
     MAX_MESSAGE_BYTES,
     MAX_TS_MS,
     MIN_TS_MS,
     ClickEvent,
-    DeadLetter,
     EventError,
-    VectorMessage,
-    decode_vector,
-    encode_vector,
     parse_event,
     parse_event_reference,
 )
+from clickvec.contract.messages import DeadLetter, VectorMessage, decode_vector, encode_vector
 
 TS = 1_700_000_000_000
 VALID = {"user_id": "u1", "item_id": "i1", "event_type": "click", "ts": TS}

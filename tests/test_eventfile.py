@@ -3,7 +3,8 @@ import json
 import pyarrow as pa
 import pytest
 
-from clickvec.contract import ClickEvent
+from clickvec.contract.events import ClickEvent
+from clickvec.devtools.synth import SynthConfig, generate_events, generate_table
 from clickvec.eventfile import (
     EventFileError,
     iter_events,
@@ -14,7 +15,6 @@ from clickvec.eventfile import (
     write_events,
     write_sequence_file,
 )
-from clickvec.synth import SynthConfig, generate_events, generate_table
 
 CFG = SynthConfig(n_users=80, n_items=120, n_categories=6, seed=5, anomaly_fraction=0.05)
 

@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clickvec.export import cli as export_cli
+from clickvec.export.graph import build_step_graph, encoder_weights
+from clickvec.export.parity import ParityError, check_parity, random_sequences, streamed
+from clickvec.export.writer import export_bundle
+from clickvec.training.checkpoint import save_checkpoint
+from clickvec.training.model import Encoder, ModelConfig
 
-from clickvec.bundle import ENCODER_FILES, MANIFEST, BundleError, bundle_files, load_bundle
-from clickvec.contract import STEP_INPUTS, STEP_OUTPUTS
+from clickvec.bundle.format import ENCODER_FILES, MANIFEST, STEP_INPUTS, STEP_OUTPUTS, BundleError
+from clickvec.bundle.reader import bundle_files, load_bundle
 from clickvec.features import FeatureSpec
-from export import cli as export_cli
-from export.bundle import export_bundle
-from export.graph import build_step_graph, encoder_weights
-from export.parity import ParityError, check_parity, random_sequences, streamed
-from training.checkpoint import save_checkpoint
-from training.model import Encoder, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def test_parity_failure_is_fatal(spec, sequences):
 
 
 def test_export_writes_nothing_when_parity_fails(run_dir, tmp_path, monkeypatch):
-    import export.bundle as eb
+    import clickvec.export.writer as eb
 
     def corrupt(model, weight_dtype="float32", weights=None):
         w = encoder_weights(model)
@@ -213,7 +213,7 @@ def test_edited_manifest_value_is_refused(bundle_dir, tmp_path):
     shutil.copytree(bundle_dir, copy)
     m = json.loads((copy / MANIFEST).read_text())
     m["parity"]["max_abs_diff_overall"] = 0.0  # still valid JSON, still canonical form
-    from clickvec.bundle import canonical_json
+    from clickvec.bundle.format import canonical_json
 
     (copy / MANIFEST).write_bytes(canonical_json(m))
     with pytest.raises(BundleError, match="modified"):
@@ -245,7 +245,7 @@ def test_loader_runs_without_torch(bundle_dir, sequences):
                     raise ImportError("torch is blocked in this test")
         sys.meta_path.insert(0, NoTorch())
         import numpy as np
-        from clickvec.bundle import load_bundle
+        from clickvec.bundle.reader import load_bundle
         b = load_bundle({str(bundle_dir)!r}, providers="auto")
         z = b.encode_offline(np.load({str(bundle_dir.parent / "seq.npy")!r}))
         h, c = b.zero_state(2)

@@ -15,8 +15,8 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from kafka_util import consume_all
 
-from clickvec.contract import VectorMessage
-from clickvec.dashboard import LatencyHistogram, Snapshot, render_line, render_screen, sparkline
+from clickvec.contract.messages import VectorMessage
+from clickvec.run.view import LatencyHistogram, Snapshot, render_line, render_screen, sparkline
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from clickvec.stream.consumers.recommend import ItemIndex
 from stream_util import TopicReader, wait_for
 from test_alerts import committed_equals_end, run_cli, table_events
 
-from clickvec.bundle import load_bundle
-from stream.recommend import ItemIndex
+from clickvec.bundle.reader import load_bundle
 
 
 def test_ann_index_agrees_with_exact(trained):
@@ -65,7 +65,7 @@ def test_recommend_end_to_end(kafka_bootstrap, new_topic, new_group, trained, st
 
     # Restart with the same group after new vectors: only the new ones are read.
     more = vectors[:50]
-    from clickvec.produce import produce_records
+    from clickvec.devtools.produce import produce_records
 
     produce_records([(m.user_id.encode(), m.to_bytes()) for m in more], kafka_bootstrap, vec)
     run_cli("recommend", *base, "--summary", str(tmp_path / "r2.json"))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from clickvec.stream.worker.continuity import Continuity, find_holes
+from clickvec.stream.worker.engine import Record
 from confluent_kafka import Consumer, TopicPartition
 
-from clickvec.produce import produce_records
-from stream.continuity import Continuity, find_holes
-from stream.engine import Record
+from clickvec.devtools.produce import produce_records
 
 
 def _rec(p: int, o: int) -> Record:

@@ -15,6 +15,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from clickvec.stream.worker.state import UserState
 from stream_util import (
     TopicReader,
     VectorLog,
@@ -24,11 +25,10 @@ from stream_util import (
     wait_for,
 )
 
-from clickvec.bundle import load_bundle
-from clickvec.contract import ClickEvent
-from clickvec.produce import produce_events, produce_records
-from clickvec.synth import SynthConfig, generate_events
-from stream.state import UserState
+from clickvec.bundle.reader import load_bundle
+from clickvec.contract.events import ClickEvent
+from clickvec.devtools.produce import produce_events, produce_records
+from clickvec.devtools.synth import SynthConfig, generate_events
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

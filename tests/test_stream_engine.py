@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from clickvec.stream.worker.engine import (
+    Engine,
+    EngineConfig,
+    MemoryStateStore,
+    PendingStates,
+    Record,
+)
+from clickvec.stream.worker.state import HEADER_BYTES, StateError, UserState
 
-from clickvec.bundle import load_bundle
-from clickvec.contract import VectorMessage
-from clickvec.synth import SynthConfig, generate_events
-from stream.engine import Engine, EngineConfig, MemoryStateStore, PendingStates, Record
-from stream.state import HEADER_BYTES, StateError, UserState
+from clickvec.bundle.reader import load_bundle
+from clickvec.contract.messages import VectorMessage
+from clickvec.devtools.synth import SynthConfig, generate_events
 
 
 @pytest.fixture(scope="module")

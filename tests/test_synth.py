@@ -2,8 +2,15 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from clickvec.contract import EVENT_TYPES, ClickEvent
-from clickvec.synth import LABELS, SynthConfig, anomalies, generate_events, generate_table, main
+from clickvec.contract.events import EVENT_TYPES, ClickEvent
+from clickvec.devtools.synth import (
+    LABELS,
+    SynthConfig,
+    anomalies,
+    generate_events,
+    generate_table,
+    main,
+)
 
 CFG = SynthConfig(n_users=400, n_items=300, n_categories=12, seed=7, anomaly_fraction=0.05)
 

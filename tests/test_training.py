@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clickvec.training.baselines import Markov, Popularity
+from clickvec.training.config import TrainConfig
+from clickvec.training.data import bucket_batches, load_histories, make_split, pad_batch
+from clickvec.training.evaluate import _tie_metrics, evaluate, sample_negatives
+from clickvec.training.model import Encoder
+from clickvec.training.train import Objective, model_config, train
 
 from clickvec import eventfile
-from clickvec.synth import SynthConfig, generate_table
-from training.baselines import Markov, Popularity
-from training.config import TrainConfig
-from training.data import bucket_batches, load_histories, make_split, pad_batch
-from training.evaluate import _tie_metrics, evaluate, sample_negatives
-from training.model import Encoder
-from training.train import Objective, model_config, train
+from clickvec.devtools.synth import SynthConfig, generate_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,7 +187,7 @@ def test_ddp_two_processes(tmp_path):
     eventfile.write_events(tiny_table(64), data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.cli", "--data", str(data), "--out", str(tmp_path / "ddp"), "--epochs", "2",
+           "-m", "clickvec.training.cli", "--data", str(data), "--out", str(tmp_path / "ddp"), "--epochs", "2",
            "--batch-size", "8", "--hidden", "16", "--z-dim", "8", "--item-dim", "16", "--device", "cpu",
            "--num-threads", "1", "--no-progress"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)

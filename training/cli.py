@@ -1,7 +1,7 @@
 """`clickvec train`: flags and an optional JSON config file -> one frozen TrainConfig -> train.
 
     clickvec train --synthetic-users 5000 --out runs/demo
-    torchrun --nproc_per_node 2 -m training.cli --data events.parquet --out runs/ddp
+    torchrun --nproc_per_node 2 -m clickvec.training.cli --data events.parquet --out runs/ddp
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from training.config import TrainConfig, load_config_file
+from clickvec.training.config import TrainConfig, load_config_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"clickvec train: {e}", file=sys.stderr)
         return 2
-    from training.train import dist_env, train  # torch imported only once the flags are valid
+    from clickvec.training.train import (  # torch imported only once the flags are valid
+        dist_env,
+        train,
+    )
 
     if dist_env()[0] == 0:
         print("training config:\n" + json.dumps(cfg.to_dict(), indent=2, sort_keys=True), flush=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from clickvec.contract import ClickEvent
+from clickvec.contract.events import ClickEvent
 from clickvec.features import PAD, FeatureSpec
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def load_histories(source: Any) -> dict[str, History]:
 
 def synthetic_table(n_users: int, seed: int, n_items: int = 0) -> Any:
     """Synthetic events with planted structure (clickvec.synth)."""
-    from clickvec import synth
+    from clickvec.devtools import synth
 
     kwargs: dict[str, Any] = {"n_users": n_users, "seed": seed}
     if n_items:

@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from training.baselines import Markov, Popularity, fit_baselines
-from training.data import EvalCase, Split, pad_inputs
-from training.model import Encoder
+from clickvec.training.baselines import Markov, Popularity, fit_baselines
+from clickvec.training.data import EvalCase, Split, pad_inputs
+from clickvec.training.model import Encoder
 
 
 def sample_negatives(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from training.config import TrainConfig
+from clickvec.training.config import TrainConfig
 
 
 def _plots(out: Path, history: list[dict[str, Any]], k: int) -> list[str]:

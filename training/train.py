@@ -19,14 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
-
-from clickvec.features import N_GAP_BUCKETS
-from training.baselines import fit_baselines
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import TrainConfig
-from training.data import (
+from clickvec.training.baselines import fit_baselines
+from clickvec.training.checkpoint import load_checkpoint, save_checkpoint
+from clickvec.training.config import TrainConfig
+from clickvec.training.data import (
     Batch,
     Split,
     bucket_batches,
@@ -35,8 +31,12 @@ from training.data import (
     make_split,
     synthetic_table,
 )
-from training.evaluate import evaluate, flat
-from training.model import Encoder, ModelConfig
+from clickvec.training.evaluate import evaluate, flat
+from clickvec.training.model import Encoder, ModelConfig
+from torch import nn
+from tqdm import tqdm
+
+from clickvec.features import N_GAP_BUCKETS
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def build_split(cfg: TrainConfig, source: Any = None) -> Split:
     if hasattr(source, "column_names"):
         table = source
     elif isinstance(source, (str, Path)) and table is None:
-        from training.data import is_sequence_file
+        from clickvec.training.data import is_sequence_file
 
         if not is_sequence_file(source):
             from clickvec import eventfile
@@ -341,7 +341,7 @@ def train(cfg: TrainConfig, source: Any = None) -> dict[str, Any]:
             "torch": torch.__version__,
         }
         (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-        from training.report import write_report
+        from clickvec.training.report import write_report
 
         write_report(out, result, cfg)
     if world > 1:

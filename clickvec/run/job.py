@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,13 +44,14 @@ from pathlib import Path
 from typing import Any
 
 from clickvec import __version__
-from clickvec.contract import ClickvecError, DeadLetter, VectorMessage
-from clickvec.dashboard import LatencyHistogram, Screen, Snapshot, percentiles
-from clickvec.kafkaconf import add_kafka_arguments, kafka_client_config, produce_waiting
+from clickvec.contract.messages import DeadLetter, VectorMessage
+from clickvec.errors import ClickvecError
+from clickvec.kafka import PARTITION_EOF, KafkaConnection, add_kafka_arguments, produce_waiting
+from clickvec.run.view import LatencyHistogram, Screen, Snapshot, percentiles
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TOPICS = {"in": "clicks", "out": "user-vectors", "dlq": "clicks-dlq", "alerts": "alerts",
           "recs": "recommendations"}
 QUICK_USERS = 800
@@ -87,13 +89,11 @@ class RunConfig:
     malformed_every: int
     k: int
     topic_suffix: str
-    kafka: dict[str, Any] = field(default_factory=dict, repr=False)  # security settings only
-    kafka_flags: tuple[str, ...] = ()
+    connection: KafkaConnection = field(default_factory=KafkaConnection, repr=False)
 
     def describe(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("kafka")
-        d["kafka_flags"] = [f for f in self.kafka_flags if "password" not in f]
+        d["connection"] = self.connection.redacted()
         return d
 
 
@@ -128,21 +128,14 @@ def parse_args(argv: list[str]) -> RunConfig:
     a = p.parse_args(argv)
     if a.rate <= 0:
         p.error("--rate must be > 0")
-    kafka = kafka_client_config(a)
-    kafka.pop("bootstrap.servers")
-    flags: list[str] = []
-    for name in ("security_protocol", "sasl_mechanism", "sasl_username", "ssl_cafile"):
-        v = getattr(a, name, None)
-        if v:
-            flags += ["--" + name.replace("_", "-"), str(v)]
     users = a.users if a.users is not None else (QUICK_USERS if a.quick else DEFAULT_USERS)
     return RunConfig(
         workdir=a.workdir, brokers=a.brokers, data=a.data, users=users, seed=a.seed,
         train_minutes=a.train_minutes, duration=a.duration, rate=a.rate, quick=a.quick,
         dashboard=a.dashboard and sys.stdout.isatty(), partitions=a.partitions,
         malformed_every=a.malformed_every, k=a.k,
-        topic_suffix=a.topic_suffix if a.topic_suffix is not None else "", kafka=kafka,
-        kafka_flags=tuple(flags),
+        topic_suffix=a.topic_suffix if a.topic_suffix is not None else "",
+        connection=KafkaConnection.from_args(a),
     )
 
 
@@ -236,7 +229,7 @@ def build(cfg: RunConfig, work: Path) -> Build:
             log.info("reading %s", cfg.data)
             table = read_table(cfg.data)
         else:
-            from clickvec.synth import SynthConfig, generate_table
+            from clickvec.devtools.synth import SynthConfig, generate_table
 
             log.info("generating %d synthetic users (seed %d)", cfg.users, cfg.seed)
             table = generate_table(SynthConfig(n_users=cfg.users, seed=cfg.seed))
@@ -452,7 +445,7 @@ class LiveProducer(threading.Thread):
     def run(self) -> None:
         from confluent_kafka import Producer
 
-        from clickvec.produce import TokenBucket
+        from clickvec.devtools.produce import TokenBucket
 
         producer = Producer({**self.conf, "linger.ms": 5, "enable.idempotence": True,
                              "compression.type": "lz4", "queue.buffering.max.messages": 200_000})
@@ -522,7 +515,7 @@ class Observer(threading.Thread):
         self.error: str | None = None
 
     def run(self) -> None:
-        from confluent_kafka import Consumer, KafkaError
+        from confluent_kafka import Consumer
 
         by_name = {v: k for k, v in self.topics.items()}
         c = Consumer({**self.conf, "group.id": self.group, "auto.offset.reset": "earliest",
@@ -538,7 +531,7 @@ class Observer(threading.Thread):
                     for m in msgs:
                         err = m.error()
                         if err is not None:
-                            if err.code() != KafkaError._PARTITION_EOF:
+                            if err.code() != PARTITION_EOF:
                                 log.debug("observer: %s", err)
                             continue
                         self._handle(by_name[m.topic()], m, now_ms)
@@ -741,7 +734,7 @@ class Job:
         t = threading.Thread(target=target, name="build", daemon=True)
         t.start()
         if self.cfg.brokers is None:
-            from clickvec import broker
+            from clickvec.devtools import broker
 
             kdir = self.work / "kafka"
             shutil.rmtree(kdir, ignore_errors=True)  # a fresh cluster: fresh topics, right counts
@@ -766,13 +759,12 @@ class Job:
             if not sfx:
                 sfx = "-" + self.run_id
         self.topics = {k: v + sfx for k, v in TOPICS.items()}
-        self.conf = {"bootstrap.servers": self.bootstrap, **cfg.kafka}
-        from clickvec.produce import ensure_topic
-
+        conn = dataclasses.replace(cfg.connection, brokers=self.bootstrap)
+        self.conf = conn.client_config()
         for name in self.topics.values():
-            ensure_topic(self.conf, name, cfg.partitions)
-        kafka_args = ["--brokers", self.bootstrap, *cfg.kafka_flags]
-        env = {"CLICKVEC_SASL_PASSWORD": cfg.kafka["sasl.password"]} if "sasl.password" in cfg.kafka else {}
+            conn.ensure_topic(name, cfg.partitions)
+        kafka_args = conn.flags()
+        env = conn.child_env()
         state_dir = self.work / "state"
         shutil.rmtree(state_dir, ignore_errors=True)
         self.worker_port = _free_port()
@@ -784,8 +776,8 @@ class Job:
         groups: list[str] = []
         waits: list[Child] = []
         for name, module, args in (
-            ("alerts", "stream.alerts", ["--out", t["alerts"]]),
-            ("recommend", "stream.recommend", ["--out", t["recs"], "--model", str(b.bundle),
+            ("alerts", "clickvec.stream.consumers.alerts", ["--out", t["alerts"]]),
+            ("recommend", "clickvec.stream.consumers.recommend", ["--out", t["recs"], "--model", str(b.bundle),
                                                "--k", str(cfg.k)]),
         ):
             if not _module_available(module):

@@ -16,19 +16,19 @@ from collections.abc import Iterable
 from typing import Any, NoReturn
 
 import faust
+from clickvec.stream.worker.config import StreamConfig
+from clickvec.stream.worker.continuity import Continuity
+from clickvec.stream.worker.engine import Engine, EngineConfig, PendingStates, Record, StateStore
+from clickvec.stream.worker.feed import Batch, BatchFeed
+from clickvec.stream.worker.metrics import Metrics
+from clickvec.stream.worker.sink import DeliveryError, Sink, reliable_producer
 from confluent_kafka import KafkaError
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
 from faust.types import TP
 from rocksdict import WriteBatch
 
-from clickvec.bundle import load_bundle
-from clickvec.kafkaconf import produce_waiting
-from stream.config import StreamConfig
-from stream.continuity import Continuity
-from stream.engine import Engine, EngineConfig, PendingStates, Record, StateStore
-from stream.feed import Batch, BatchFeed
-from stream.metrics import Metrics
-from stream.sink import DeliveryError, Sink, reliable_producer
+from clickvec.bundle.reader import load_bundle
+from clickvec.kafka import produce_waiting
 
 log = logging.getLogger(__name__)
 
@@ -114,39 +114,17 @@ class TableStore(StateStore):
 def ensure_topics(cfg: StreamConfig) -> int:
     """Partition count of the input topic; creates the output and dead-letter topics
     with the same count when missing."""
-    admin = AdminClient(cfg.librdkafka())
-    md = admin.list_topics(timeout=30)
+    conn = cfg.connection()
+    md = AdminClient(conn.client_config()).list_topics(timeout=30)
     if cfg.in_topic not in md.topics or md.topics[cfg.in_topic].error is not None:
         raise SystemExit(
             f"input topic {cfg.in_topic!r} does not exist on {cfg.brokers}; create it (clickvec produce "
             "--partitions N creates it) before starting the worker"
         )
     n = len(md.topics[cfg.in_topic].partitions)
-    missing = [t for t in (cfg.out_topic, cfg.dlq_topic) if t not in md.topics]
-    if missing:
-        futs = admin.create_topics([NewTopic(t, num_partitions=n, replication_factor=-1) for t in missing])
-        for f in futs.values():
-            try:
-                f.result(30)
-            except Exception as e:  # already created by another worker
-                if "TOPIC_ALREADY_EXISTS" not in str(e):
-                    raise
+    for topic in (cfg.out_topic, cfg.dlq_topic):
+        conn.ensure_topic(topic, n)
     return n
-
-
-def _faust_broker_credentials(cfg: StreamConfig) -> Any:
-    proto = cfg.security_protocol.upper()
-    if proto == "PLAINTEXT":
-        return None
-    import ssl
-
-    ctx = ssl.create_default_context(cafile=cfg.ssl_cafile or None) if "SSL" in proto else None
-    if proto.startswith("SASL"):
-        return faust.SASLCredentials(
-            username=cfg.sasl_username, password=cfg.sasl_password, mechanism=cfg.sasl_mechanism or "PLAIN",
-            ssl_context=ctx,
-        )
-    return faust.SSLCredentials(ctx)
 
 
 def fail_stop(exc: BaseException) -> NoReturn:
@@ -199,7 +177,7 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
     app = faust.App(
         cfg.group,
         broker=[f"kafka://{b.strip()}" for b in cfg.brokers.split(",")],
-        broker_credentials=_faust_broker_credentials(cfg),
+        broker_credentials=cfg.connection().faust_credentials(),
         store="rocksdb://",
         datadir=cfg.state_dir,
         topic_partitions=partitions,

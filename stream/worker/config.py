@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from clickvec.contract import DEFAULT_DLQ_TOPIC, DEFAULT_IN_TOPIC, DEFAULT_OUT_TOPIC
+from clickvec.contract.topics import DEFAULT_DLQ_TOPIC, DEFAULT_IN_TOPIC, DEFAULT_OUT_TOPIC
+from clickvec.kafka import KafkaConnection
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class StreamConfig:
     rocksdb_block_cache_mb: int = 64
     rocksdb_write_buffer_mb: int = 16
     # Standard Kafka client security (applied to every client the worker makes).
-    security_protocol: str = "PLAINTEXT"
+    security_protocol: str = ""  # "": derived, as every clickvec command does (clickvec.kafka)
     sasl_mechanism: str = ""
     sasl_username: str = ""
     sasl_password: str = ""
@@ -59,16 +60,13 @@ class StreamConfig:
             d["sasl_password"] = "***"
         return d
 
+    def connection(self) -> KafkaConnection:
+        return KafkaConnection(self.brokers, self.security_protocol, self.sasl_mechanism,
+                               self.sasl_username, self.sasl_password, self.ssl_cafile)
+
     def librdkafka(self) -> dict[str, Any]:
-        """Security settings for confluent-kafka clients."""
-        conf: dict[str, Any] = {"bootstrap.servers": self.brokers, "security.protocol": self.security_protocol}
-        if self.sasl_mechanism:
-            conf["sasl.mechanism"] = self.sasl_mechanism
-            conf["sasl.username"] = self.sasl_username
-            conf["sasl.password"] = self.sasl_password
-        if self.ssl_cafile:
-            conf["ssl.ca.location"] = self.ssl_cafile
-        return conf
+        """Connection settings for confluent-kafka clients."""
+        return self.connection().client_config()
 
 
 _FIELDS = {f.name: f for f in fields(StreamConfig)}

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from stream import config as config_mod
+from clickvec.stream import config as config_mod
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,12 @@ def main(argv: list[str]) -> int:
     Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
 
     import faust
-
-    from stream.app import build_app
+    from clickvec.stream.worker.app import build_app
 
     app = build_app(cfg)
     extra = {}
     if args.log_format == "json":
-        from stream.logjson import logging_config
+        from clickvec.stream.worker.logjson import logging_config
 
         extra["logging_config"] = logging_config(args.loglevel)
     worker = worker_class(faust)(app, loglevel=args.loglevel, quiet=True, redirect_stdouts=False, **extra)

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clickvec.contract import ClickvecError, VectorMessage
-from clickvec.kafkaconf import add_kafka_arguments, kafka_client_config, produce_waiting
+from clickvec.contract.messages import VectorMessage
+from clickvec.errors import ClickvecError
+from clickvec.kafka import add_kafka_arguments, kafka_client_config, produce_waiting
 
 log = logging.getLogger(__name__)
 

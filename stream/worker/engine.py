@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 import orjson
+from clickvec.stream.worker.state import StateError, UserState, model_id_prefix
 
-from clickvec.contract import ClickEvent, DeadLetter, EventError, VectorMessage, parse_event
+from clickvec.contract.events import ClickEvent, EventError, parse_event
+from clickvec.contract.messages import DeadLetter, VectorMessage
 from clickvec.features import gap_bucket
-from stream.state import StateError, UserState, model_id_prefix
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clickvec.contract import ClickvecError
+from clickvec.errors import ClickvecError
 
 _MAGIC = 0xC5
 _VERSION = 1

@@ -17,8 +17,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from clickvec.contract import DEFAULT_IN_TOPIC, ClickEvent, ClickvecError
-from clickvec.kafkaconf import add_kafka_arguments, kafka_client_config, produce_waiting
+from clickvec.contract.events import ClickEvent
+from clickvec.contract.topics import DEFAULT_IN_TOPIC
+from clickvec.errors import ClickvecError
+from clickvec.kafka import KafkaConnection, add_kafka_arguments, produce_waiting
 
 log = logging.getLogger(__name__)
 
@@ -52,44 +54,6 @@ class TokenBucket:
             wait = (n - self.tokens) / self.rate
             time.sleep(wait)
             slept += wait
-
-
-def ensure_topic(
-    admin_config: dict[str, Any], topic: str, partitions: int, timeout: float = 30.0
-) -> bool:
-    """Create `topic` with `partitions` partitions unless it exists; True if created."""
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient(admin_config)
-    md = admin.list_topics(timeout=timeout)
-    if topic in md.topics and md.topics[topic].error is None:
-        have = len(md.topics[topic].partitions)
-        if have != partitions:
-            log.warning(
-                "topic %s exists with %d partitions (asked for %d); left as is",
-                topic,
-                have,
-                partitions,
-            )
-        return False
-    fut = admin.create_topics(
-        [NewTopic(topic, num_partitions=partitions)], operation_timeout=timeout
-    )[topic]
-    try:
-        fut.result(timeout)
-    except KafkaException as e:
-        if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-            raise ProduceError(f"could not create topic {topic!r}: {e}") from None
-        return False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        t = admin.list_topics(topic=topic, timeout=5).topics.get(topic)
-        if t is not None and t.error is None and len(t.partitions) == partitions:
-            break
-        time.sleep(0.1)
-    log.info("created topic %s with %d partitions", topic, partitions)
-    return True
 
 
 def produce_records(
@@ -176,7 +140,7 @@ def produce_events(
 
 def _load_events(args: argparse.Namespace) -> Iterator[ClickEvent] | list[ClickEvent]:
     if args.synthetic:
-        from clickvec.synth import SynthConfig, generate_events
+        from clickvec.devtools.synth import SynthConfig, generate_events
 
         return generate_events(SynthConfig(n_users=args.users, seed=args.seed))
     from clickvec.eventfile import iter_events
@@ -203,11 +167,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    conf = kafka_client_config(args)
+    conn = KafkaConnection.from_args(args)
+    conf = conn.client_config()
     bootstrap = conf.pop("bootstrap.servers")
     try:
         if args.partitions:
-            ensure_topic({"bootstrap.servers": bootstrap, **conf}, args.topic, args.partitions)
+            conn.ensure_topic(args.topic, args.partitions)
         events = _load_events(args)
         total = len(events) if isinstance(events, list) else None
         if args.limit is not None:

@@ -22,9 +22,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from clickvec.export.graph import IR_VERSION, OPSET, build_step_graph
+from clickvec.export.parity import check_parity, pack, random_sequences
+from clickvec.training.checkpoint import load_checkpoint
+from clickvec.training.model import Encoder
 
 import clickvec
-from clickvec.bundle import (
+from clickvec.bundle.format import (
     BUNDLE_FORMAT,
     ENCODER_FILES,
     ITEM_BIAS,
@@ -32,19 +36,16 @@ from clickvec.bundle import (
     ITEM_PROJ_BIAS,
     ITEM_PROJ_WEIGHT,
     MANIFEST,
+    STEP_INPUTS,
+    STEP_OUTPUTS,
     VOCAB,
-    RuntimeConfig,
-    StepSession,
     compute_model_id,
     seal_manifest,
     sha256_file,
 )
-from clickvec.contract import STEP_INPUTS, STEP_OUTPUTS, ClickvecError
+from clickvec.bundle.runtime import RuntimeConfig, StepSession
+from clickvec.errors import ClickvecError
 from clickvec.features import FeatureSpec
-from export.graph import IR_VERSION, OPSET, build_step_graph
-from export.parity import check_parity, pack, random_sequences
-from training.checkpoint import load_checkpoint
-from training.model import Encoder
 
 log = logging.getLogger(__name__)
 

@@ -28,12 +28,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clickvec.contract import ClickvecError
+from clickvec.errors import ClickvecError
 
 log = logging.getLogger(__name__)
 
 KAFKA_VERSION = "4.1.1"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO_ROOT / "deploy" / "kafka"
 POM = DEPLOY_DIR / "pom.xml"
 LOG4J_CONFIG = DEPLOY_DIR / "log4j2.properties"

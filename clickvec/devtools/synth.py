@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clickvec.contract import EVENT_TYPES, ClickEvent
+from clickvec.contract.events import EVENT_TYPES, ClickEvent
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Producer
 
-from clickvec.contract import ClickvecError
-from clickvec.kafkaconf import produce_waiting
+from clickvec.errors import ClickvecError
+from clickvec.kafka import produce_waiting
 
 log = logging.getLogger(__name__)
 

@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from clickvec.contract import VectorMessage
-from stream.consumer_base import (
+from clickvec.stream.consumers.loop import (
     Record,
     VectorConsumer,
     add_loop_arguments,
     loop_config,
     write_summary,
 )
+
+from clickvec.contract.messages import VectorMessage
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.k < 1:
         raise SystemExit("--k must be >= 1")
-    from clickvec.bundle import load_bundle
+    from clickvec.bundle.reader import load_bundle
 
     bundle = load_bundle(args.model, providers="cpu", warmup=False)
     loop = loop_config(args)

@@ -29,9 +29,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from clickvec.stream.worker.engine import Record
 from faust.types import TP
-
-from stream.engine import Record
 
 log = logging.getLogger(__name__)
 

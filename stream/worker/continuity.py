@@ -24,9 +24,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from clickvec.stream.worker.engine import Record
 from confluent_kafka import OFFSET_INVALID, Consumer, TopicPartition
 
-from stream.engine import Record
+from clickvec.kafka import PARTITION_EOF
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class Continuity:
                     if m.partition() != partition:  # left over from an earlier read
                         continue
                     if m.error() is not None:
-                        if m.error().code() == -191:  # _PARTITION_EOF
+                        if m.error().code() == PARTITION_EOF:
                             if m.offset() >= end:
                                 continue
                             raise GapError(f"{self.topic}[{partition}] ends at {m.offset()} before {end}")

@@ -36,9 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-
-from clickvec.contract import VectorMessage
-from stream.consumer_base import (
+from clickvec.stream.consumers.loop import (
     LoopConfig,
     Record,
     VectorConsumer,
@@ -46,6 +44,8 @@ from stream.consumer_base import (
     loop_config,
     write_summary,
 )
+
+from clickvec.contract.messages import VectorMessage
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def _anomaly_labels(labels: Any) -> tuple[dict[str, int], set[str]]:
     if isinstance(labels, tuple):
         anomalous, users = labels
         return dict(anomalous), set(users)
-    from clickvec.synth import anomalies
+    from clickvec.devtools.synth import anomalies
 
     return anomalies(labels), {str(u) for u in labels.column("user_id").to_pylist()}
 
