@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from clickvec.stream import config as config_mod
+from clickvec.stream.worker import config as config_mod
 
 log = logging.getLogger(__name__)
 
