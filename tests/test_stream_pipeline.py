@@ -6,7 +6,6 @@ of test_stream_e2e.py check the same order on the real broker.)"""
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from types import SimpleNamespace
 
 import pytest
@@ -135,11 +134,11 @@ def test_store_loop_commits_batches_in_order_and_counts_them():
 
 # -- the start-up check of the Faust internals ----------------------------------------------
 
-def test_installed_faust_has_what_the_worker_uses():
+def test_installed_faust_has_what_the_worker_uses(tmp_path):
     import faust
 
     app = faust.App("internals-check", broker="kafka://127.0.0.1:1", store="rocksdb://",
-                    datadir=tempfile.mkdtemp(), web_enabled=False)
+                    datadir=str(tmp_path), web_enabled=False)
     assert faust_internals.missing_internals(app.consumer) == []
     faust_internals.check(app.consumer)  # does not exit
 
