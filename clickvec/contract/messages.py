@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 
 # ------------------------------------------------------------------ vector message
 
@@ -33,19 +35,13 @@ class VectorMessage:
 
     def to_bytes(self, encoding: str = "json") -> bytes:
         if encoding == "json":
-            return json.dumps(
-                {
-                    "user_id": self.user_id,
-                    "model_id": self.model_id,
-                    "seq": self.seq,
-                    "event_ts": self.event_ts,
-                    "emit_ts": self.emit_ts,
-                    "vector": self.vector,
-                    "surprise": self.surprise,
-                    "source": self.source,
-                },
-                separators=(",", ":"),
-            ).encode()
+            # A float32 array (the model's output, as the worker holds it) is written in
+            # float32's shortest form, any other vector as float64 values.
+            v = self.vector
+            dtype = np.float32 if isinstance(v, np.ndarray) and v.dtype == np.float32 else np.float64
+            return vector_json(vector_json_head(self.user_id, self.model_id), self.seq, self.event_ts,
+                               self.emit_ts, np.ascontiguousarray(v, dtype=dtype), float(self.surprise),
+                               json.dumps(self.source))
         meta = json.dumps(
             {
                 "user_id": self.user_id,
@@ -71,6 +67,39 @@ class VectorMessage:
             return cls(vector=vec, **meta)
         d = json.loads(data)
         return cls(**d)
+
+
+# The JSON vector message has this one writer; the worker calls its parts directly on
+# its hot path. It is built without json.dumps, whose float repr is the costly part: the
+# vector goes through orjson, which writes each value's shortest form in the array's own
+# precision (float32 rows from the model read back to the same float32; float64 values,
+# as `VectorMessage.to_bytes` passes them, to the same float64). Field order and the
+# other values are those json.dumps would write.
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+_TOPIC_JSON: dict[str, str] = {}
+
+
+def vector_json_head(user_id: str, model_id: str) -> str:
+    """The message's first fields, shared by every vector of one user in a batch."""
+    return f'{{"user_id":{json.dumps(user_id)},"model_id":{json.dumps(model_id)},'
+
+
+def vector_json_source(topic: str, partition: int, offset: int) -> str:
+    """`"topic[partition]@offset"` as a JSON string."""
+    t = _TOPIC_JSON.get(topic)
+    if t is None:
+        t = _TOPIC_JSON[topic] = json.dumps(topic)[:-1]
+    return f'{t}[{partition}]@{offset}"'
+
+
+def vector_json(head: str, seq: int, event_ts: int, emit_ts: int, vector: np.ndarray, surprise: float,
+                source_json: str) -> bytes:
+    """The JSON vector message from `vector_json_head`, the values, and the source as
+    a JSON string (`vector_json_source`). `vector` is a C-contiguous 1-d array."""
+    s = repr(surprise) if math.isfinite(surprise) else json.dumps(surprise)  # json.dumps' float form
+    vec = orjson.dumps(vector, option=_NUMPY).decode()
+    return (f'{head}"seq":{seq},"event_ts":{event_ts},"emit_ts":{emit_ts},"vector":{vec},'
+            f'"surprise":{s},"source":{source_json}}}').encode()
 
 
 def encode_vector(v: np.ndarray, encoding: str) -> bytes:

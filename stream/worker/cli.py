@@ -22,7 +22,7 @@ def worker_class(faust: Any) -> Any:
     class Worker(faust.Worker):  # type: ignore[misc, name-defined]
         """Faust's worker with the root logger at the requested level. Faust (mode) leaves
         the root logger at DEBUG and filters in the handler, so every debug call of
-        aiokafka and Faust built a log record: measured, 6% of the consumer thread."""
+        aiokafka and Faust would build a log record only to drop it."""
 
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
             super().on_setup_root_logger(logger, level)

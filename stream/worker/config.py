@@ -31,8 +31,8 @@ class StreamConfig:
     fetch_max_wait_ms: int = 20
     emit: str = "every"  # every | latest
     # Batches computed ahead of the one being stored (0: one at a time). Ahead-computing
-    # takes smaller batches from Faust; on the 2-core machine 0 gave the higher backlog rate
-    # (3.7k vs 2.2k events/s, benchmarks/README.md) at a few ms more latency.
+    # takes smaller batches from Faust; on a 2-core machine 0 gives the higher backlog rate
+    # at a few ms more latency (benchmarks/README.md).
     pipeline_depth: int = 0
     encoding: str = "json"  # json | f16 | i8
     state_dtype: str = "f32"  # f32 | f16

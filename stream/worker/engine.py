@@ -1,7 +1,7 @@
 """The batch path of the worker, free of Faust and Kafka: records in, one ONNX Runtime
 call, state values, vector messages and dead letters out.
 
-The Faust agent (stream/app.py) feeds it the batches of stream/feed.py; tests and
+The worker's pipeline (pipeline.py) feeds it the batches of feed.py; tests and
 benchmarks feed it directly. State is reached through `StateStore`, so the same code
 runs on the Faust table (RocksDB + changelog) and on a dict.
 """
@@ -9,20 +9,23 @@ runs on the Faust table (RocksDB + changelog) and on a dict.
 from __future__ import annotations
 
 import abc
-import json
 import logging
-import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 from clickvec.stream.worker.state import StateError, UserState, model_id_prefix
 
 from clickvec.contract.events import ClickEvent, EventError, parse_event
-from clickvec.contract.messages import DeadLetter, VectorMessage
+from clickvec.contract.messages import (
+    DeadLetter,
+    VectorMessage,
+    vector_json,
+    vector_json_head,
+    vector_json_source,
+)
 from clickvec.features import gap_bucket
 
 log = logging.getLogger(__name__)
@@ -119,8 +122,8 @@ class EngineConfig:
     state_dtype: str = "f32"  # f32 | f16
     max_padding_ratio: float = 4.0  # above this padded/real cell ratio, split the call by length
     # Users per ONNX Runtime call. The step graph's surprise is a softmax over the whole
-    # catalogue, whose cost per user grows past ~128 users a call on CPU
-    # (benchmarks/results/step_throughput.json): a 1024-user batch runs as 8 calls.
+    # catalogue, whose cost per user grows once a call holds more users than this on CPU
+    # (benchmarks/README.md): a larger batch runs as several calls.
     max_call_batch: int = 128
 
 
@@ -280,13 +283,13 @@ class Engine:
             n = len(evs)
             uid = users[i]
             key = uid.encode()
-            head = _json_head(uid, self.model_id) if fast else ""
+            head = vector_json_head(uid, self.model_id) if fast else ""
             todo = enumerate(evs) if every else [(n - 1, evs[-1])]
             for t, (ev, rec) in todo:
                 z = zs_all[t][b] if every else zs_all[b]
                 if fast:
-                    outputs.append((key, _json_message(head, st.seq + t + 1, ev.ts, now_ms, z, sur_all[t][b],
-                                                       _json_source(rec))))
+                    outputs.append((key, vector_json(head, st.seq + t + 1, ev.ts, now_ms, z, sur_all[t][b],
+                                                     vector_json_source(rec.topic, rec.partition, rec.offset))))
                 else:
                     msg = VectorMessage(uid, self.model_id, st.seq + t + 1, ev.ts, now_ms, z, sur_all[t][b],
                                         f"{rec.topic}[{rec.partition}]@{rec.offset}")
@@ -302,36 +305,6 @@ class Engine:
         """Write the batch's states. Call only after its outputs were delivered: a state
         that is stored implies its vectors reached the topic."""
         store.put_many(result.states)
-
-
-# The JSON vector message, built without json.dumps: `VectorMessage.to_bytes("json")` spends
-# most of its time in float repr (17 digits each). The vector is float32: orjson writes
-# each value's shortest float32 form, which reads back to the same float32; field order
-# and the other values are as in to_bytes.
-_NUMPY = orjson.OPT_SERIALIZE_NUMPY
-
-
-def _json_head(user_id: str, model_id: str) -> str:
-    return f'{{"user_id":{json.dumps(user_id)},"model_id":{json.dumps(model_id)},'
-
-
-_TOPIC_JSON: dict[str, str] = {}
-
-
-def _json_source(rec: Record) -> str:
-    """`"topic[partition]@offset"` as a JSON string."""
-    t = _TOPIC_JSON.get(rec.topic)
-    if t is None:
-        t = _TOPIC_JSON[rec.topic] = json.dumps(rec.topic)[:-1]
-    return f'{t}[{rec.partition}]@{rec.offset}"'
-
-
-def _json_message(head: str, seq: int, event_ts: int, emit_ts: int, vector: np.ndarray, surprise: float,
-                  source_json: str) -> bytes:
-    s = repr(surprise) if math.isfinite(surprise) else json.dumps(surprise)  # json.dumps' float form
-    vec = orjson.dumps(vector, option=_NUMPY).decode()
-    return (f'{head}"seq":{seq},"event_ts":{event_ts},"emit_ts":{emit_ts},"vector":{vec},'
-            f'"surprise":{s},"source":{source_json}}}').encode()
 
 
 def records_from(items: Iterable[tuple[bytes | None, bytes | None, int, int]], topic: str = "clicks") -> list[Record]:

@@ -1,0 +1,193 @@
+"""Every use of Faust's and aiokafka's private attributes, in one place.
+
+The worker reaches past Faust's public API in a few places (feed.py and table.py say
+why): it replaces the consumer's drain loop, ties its batches into the consumer's offset
+bookkeeping, writes the table's RocksDB databases directly, tells the consumer about
+offsets read back from the brokers, and sets the aiokafka consumer's fetch max wait.
+The code that does so lives here and nowhere else (ruff's SLF001 rule enforces it).
+
+Private attributes change without notice: pyproject.toml pins the faust-streaming and
+aiokafka series this was written and tested against (`TESTED`), and `check` runs at
+start-up and stops the worker with one line naming what is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.consumer.fetcher import Fetcher as AIOKafkaFetcher
+from clickvec.stream.worker.engine import Record
+from faust.stores.rocksdb import Store as RocksDBStore
+from faust.transport.consumer import ack_lock
+from faust.types import TP
+
+log = logging.getLogger(__name__)
+
+TESTED = {"faust-streaming": "0.15", "aiokafka": "0.14"}  # the series pyproject.toml pins
+
+# What this module reads or replaces on Faust's consumer (all set in its __init__ or
+# defined on its class).
+CONSUMER_ATTRIBUTES = (
+    "_drain_messages", "_wait_next_records", "_to_message", "_stopped", "_read_offset",
+    "_commit_every", "_buffered_partitions", "_n_acked", "_unacked_messages",
+    "_committed_offset", "_acked_index", "_acked", "_waiting_for_ack", "_add_gap", "_thread",
+)
+
+
+def _installed(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _assigned_in_init(cls: type, name: str) -> bool:
+    """Whether `cls.__init__` assigns `self.<name>` (an instance attribute of an object
+    that only exists once the consumer runs)."""
+    init = getattr(cls, "__init__", None)
+    return name in getattr(getattr(init, "__code__", None), "co_names", ())
+
+
+def missing_internals(consumer: Any, store_class: type = RocksDBStore,
+                      fetch_classes: Iterable[tuple[type, str]] = ((AIOKafkaConsumer, "_fetcher"),
+                                                                   (AIOKafkaFetcher, "_fetch_max_wait_ms"))
+                      ) -> list[str]:
+    """The private attributes this module uses that the installed Faust / aiokafka lack,
+    as "Class.attribute"; `consumer` is the app's (built, not yet started) consumer."""
+    gaps = [f"{type(consumer).__name__}.{name}" for name in CONSUMER_ATTRIBUTES if not hasattr(consumer, name)]
+    thread = getattr(consumer, "_thread", None)
+    if thread is not None and not hasattr(thread, "_ensure_consumer"):
+        gaps.append(f"{type(thread).__name__}._ensure_consumer")
+    gaps += [f"{cls.__name__}.{name}" for cls, name in fetch_classes if not _assigned_in_init(cls, name)]
+    if not hasattr(store_class, "_db_for_partition"):
+        gaps.append(f"{store_class.__name__}._db_for_partition")
+    return gaps
+
+
+def check(consumer: Any, **classes: Any) -> None:
+    """Stop the worker with one line (SystemExit, no traceback) when the installed Faust
+    or aiokafka lacks what this module needs."""
+    gaps = missing_internals(consumer, **classes)
+    if gaps:
+        installed = ", ".join(f"{d} {_installed(d)}" for d in TESTED)
+        tested = ", ".join(f"{d} {v}.x" for d, v in TESTED.items())
+        raise SystemExit(f"clickvec worker: the installed {installed} lack {', '.join(gaps)}; the worker "
+                         f"was tested with {tested} (the versions pyproject.toml pins): install those")
+
+
+# -- the consumer's drain loop (feed.py) ---------------------------------------------------
+
+def replace_drain(consumer: Any, drain: Callable[[Any], Awaitable[None]]) -> None:
+    """Run `drain(fetcher)` in place of the consumer's `_drain_messages(fetcher)`."""
+    consumer._drain_messages = drain
+
+
+async def drain_batches(app: Any, consumer: Any, fetcher: Any, topic: str,
+                        put: Callable[[int, list[Record]], Awaitable[None]]) -> None:
+    """Faust's `Consumer._drain_messages`, with the records of `topic` handed to
+    `put(generation, records)` as one list per fetch; other topics' records (table
+    changelogs during recovery) take Faust's own path, message by message."""
+    callback = consumer.callback
+    consumer_stopped = consumer._stopped.is_set
+    fetcher_stopped = fetcher._stopped.is_set
+    read_offset = consumer._read_offset
+    to_message = consumer._to_message
+    commit_every = consumer._commit_every
+    while not (consumer_stopped() or fetcher_stopped()):
+        records, active = await consumer._wait_next_records(1.0)
+        generation = app.consumer_generation_id
+        await asyncio.sleep(0)
+        if not records or consumer.should_stop:
+            continue
+        if not consumer.flow_active:
+            # As Faust's `getmany`: what was fetched while flow stopped is dropped
+            # and the partitions go back to their committed offsets.
+            try:
+                await consumer.perform_seek()
+            except Exception as exc:  # noqa: BLE001 - Faust logs and goes on too
+                log.warning("seek to committed offsets while flow stopped: %s", exc)
+            continue
+        buffered = consumer._buffered_partitions
+        batch: list[Record] = []
+        others: list[tuple[TP, list[Any]]] = []
+        for tp, recs in records.items():
+            if active is not None and tp not in active and tp not in buffered:
+                continue
+            if tp.topic != topic:
+                others.append((tp, recs))
+                continue
+            partition = tp.partition
+            floor = read_offset[tp]
+            for r in recs:
+                if floor is None or r.offset >= floor:
+                    batch.append(Record(r.key, r.value, topic, partition, r.offset))
+            if recs:
+                read_offset[tp] = recs[-1].offset
+        for tp, recs in others:
+            for r in recs:
+                if not consumer.flow_active or app.consumer_generation_id != generation:
+                    break
+                await consumer.wait_first(callback(to_message(tp, r)), consumer.suspend_flow.wait())
+                read_offset[tp] = r.offset
+        if commit_every is not None and consumer._n_acked >= commit_every:
+            consumer._n_acked = 0
+            await consumer.commit()
+        if not batch:
+            continue
+        if app.consumer_generation_id != generation or not consumer.flow_active:
+            continue  # dropped, as Faust drops messages of an earlier generation
+        await consumer.wait_first(put(generation, batch), consumer.suspend_flow.wait())
+
+
+# -- offset bookkeeping (feed.py) ----------------------------------------------------------
+
+def track_unacked(consumer: Any, token: Any) -> None:
+    """Put `token` in the consumer's set of unacked messages (a WeakSet that Faust's
+    `wait_empty` waits on before it commits at a rebalance or a stop)."""
+    consumer._unacked_messages.add(token)
+
+
+def ack_offsets(consumer: Any, offsets: Iterable[tuple[TP, int]], token: Any) -> None:
+    """What `Consumer.ack` does for a message, for each (tp, offset), then for `token`
+    as the message: its offsets are committed with Faust's next commit."""
+    committed_of = consumer._committed_offset
+    n = 0
+    with ack_lock:
+        for tp, offset in offsets:
+            committed = committed_of[tp]
+            if committed is None or offset >= committed:
+                index = consumer._acked_index[tp]
+                if offset not in index:
+                    index.add(offset)
+                    consumer._acked[tp].append(offset)
+                    n += 1
+        consumer._n_acked += n
+        if token is not None:
+            token.acked = True
+            consumer._unacked_messages.discard(token)
+            waiter = consumer._waiting_for_ack
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+
+async def add_gap(consumer: Any, tp: TP, first: int, last: int) -> None:
+    """Count offsets first..last (inclusive) of `tp` as done, for offsets this consumer
+    never delivered (read back from the brokers by continuity.py)."""
+    await consumer._add_gap(tp, first, last)
+
+
+# -- the table and the fetcher ---------------------------------------------------------------
+
+def db_for_partition(table: Any, partition: int) -> Any:
+    """The RocksDB database (rocksdict) of the table's `partition`."""
+    return table.data._db_for_partition(partition)
+
+
+def set_fetch_max_wait(consumer: Any, fetch_max_wait_ms: int) -> None:
+    """The running aiokafka consumer's fetch max wait (Faust fixes it at 1500 ms)."""
+    consumer._thread._ensure_consumer()._fetcher._fetch_max_wait_ms = fetch_max_wait_ms

@@ -1,0 +1,220 @@
+"""The worker's batch pipeline: from a batch of input records to vectors on the output
+topic, states in the table, and the events acked.
+
+A batch goes through two stages:
+- `apply`: fill the batch's holes (continuity.py), one engine call, send the outputs;
+- `commit` (in the store loop): once the outputs are acknowledged, write the states,
+  flush the changelog, ack the events.
+With `pipeline_depth` > 0, later batches are applied while earlier ones wait for
+`commit`; they see the earlier batches' states through `PendingStates`.
+
+Any error in either stage ends the process (`fail_stop`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from clickvec.stream.worker.config import StreamConfig
+from clickvec.stream.worker.continuity import Continuity
+from clickvec.stream.worker.engine import BatchResult, Engine, PendingStates, Record, StateStore
+from clickvec.stream.worker.feed import Batch, BatchFeed
+from clickvec.stream.worker.metrics import Metrics
+from clickvec.stream.worker.sink import Sink
+
+log = logging.getLogger(__name__)
+
+# The tail-hole sweep runs only once no batch has been applied for this long.
+IDLE_BEFORE_SWEEP_S = 2.0
+
+
+def fail_stop(exc: BaseException) -> NoReturn:
+    """End the process at once when a batch cannot be applied and stored (its outputs
+    refused, ONNX Runtime failing, a hole that cannot be read back, ...).
+
+    Faust's own handling of a crashed agent, restarting it in this process or stopping
+    the app gracefully, acks events the crashed agent had taken, so their offsets get
+    committed although they were never applied (tests/test_stream_e2e.py refuses the
+    output topic). Exiting before anything else runs leaves every unacked event to the
+    next start, exactly as after a SIGKILL, which the crash test covers; the group
+    notices the departure at its session timeout."""
+    log.critical("stopping the worker: %s: %s (the events not yet acked are processed again at the next "
+                 "start)", type(exc).__name__, exc, exc_info=exc)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(70)
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A batch that is applied (outputs sent) and waits for `Pipeline.commit`."""
+
+    number: int
+    batch: Batch | None  # None: records read back by the tail-hole sweep, not from the feed
+    records: list[Record]
+    result: BatchResult
+    delivered: Awaitable[None]  # resolves once the brokers acknowledged every output
+    t0: float  # perf_counter when the batch was taken
+
+
+class Pipeline:
+    """The batch pipeline (see the module docstring). `app` is the Faust app, for its
+    consumer (assignment, positions, generation) and its rebalancing flag."""
+
+    def __init__(self, app: Any, cfg: StreamConfig, engine: Engine, store: StateStore, sink: Sink,
+                 continuity: Continuity, feed: BatchFeed, metrics: Metrics,
+                 on_fatal: Callable[[BaseException], Any] = fail_stop) -> None:
+        self.app = app
+        self.cfg = cfg
+        self.engine = engine
+        self.store = store
+        self.sink = sink
+        self.continuity = continuity
+        self.feed = feed
+        self.metrics = metrics
+        self.on_fatal = on_fatal
+        self.pending = PendingStates(store)
+        self.inflight: asyncio.Queue[InFlight] = asyncio.Queue(maxsize=max(1, cfg.pipeline_depth))
+        self.applying = asyncio.Lock()
+        self.batches = 0  # batches applied
+        self.last_batch = time.monotonic()
+        self.storer: asyncio.Future[None] | None = None
+
+    # -- the agent -----------------------------------------------------------------------
+
+    async def run(self, on_first_batch: Callable[[], None]) -> None:
+        """The agent's body: apply the feed's batches while the store loop commits them."""
+        storer = self.storer = asyncio.ensure_future(self.store_loop())
+        first = True
+        try:
+            async for batch in self.feed.batches():
+                t0 = time.perf_counter()
+                if first:
+                    on_first_batch()
+                    first = False
+                self.feed.track(batch)
+                await self.apply(batch, batch.records, t0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.on_fatal(exc)
+        finally:
+            if not storer.done():
+                storer.cancel()
+
+    async def apply(self, batch: Batch | None, records: list[Record], t0: float) -> None:
+        """Fill the holes, process, send the outputs, and queue the batch for `commit`."""
+        async with self.applying:
+            records = await self.continuity.complete(records, self.app.consumer_generation_id)
+            result = self.engine.process(records, self.pending)
+            self.batches += 1
+            self.pending.hold(result, self.batches)
+            delivered = self.sink.send(result.outputs, result.dead, asyncio.get_running_loop())
+            # The store loop never stops with an error (it ends the process), so waiting
+            # on it cannot hang.
+            await self.inflight.put(InFlight(self.batches, batch, records, result, delivered, t0))
+            if self.cfg.pipeline_depth == 0:  # one batch at a time
+                await self.inflight.join()
+            self.last_batch = time.monotonic()
+
+    # -- the store loop ------------------------------------------------------------------
+
+    async def store_loop(self) -> None:
+        try:
+            while True:
+                item = await self.inflight.get()
+                await self.commit(item)
+                self.inflight.task_done()
+                self._count(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.on_fatal(exc)
+
+    async def commit(self, item: InFlight) -> None:
+        """Make an applied batch durable. The order is what makes a crash at any point
+        lose nothing and apply nothing twice:
+
+        1. Wait until the brokers acknowledged the batch's outputs (vectors and dead
+           letters): a stored state says its events' vectors were published.
+        2. Write the states (RocksDB, and the changelog records sent).
+        3. Flush the changelog: wait until the brokers hold every state record (a worker
+           that takes the partitions over recovers the states from there). The states are
+           in the store now: drop them from the pending ones.
+        4. Ack the batch's events: Faust commits their offsets with its next commit.
+
+        A crash before step 4 leaves the events unacked: they come back at the next start,
+        and the engine skips the ones the stored state already holds."""
+        await item.delivered  # 1
+        self.engine.commit_states(item.result, self.store)  # 2
+        await self.store.flush()  # 3
+        self.pending.release(item.result, item.number)
+        if item.batch is not None:  # 4
+            self.feed.ack(item.batch, item.records)
+
+    def _count(self, item: InFlight) -> None:
+        m, result, records = self.metrics, item.result, item.records
+        now = time.time()
+        m.events_in.inc(len(records))
+        m.events_applied.inc(result.applied)
+        m.vectors_out.inc(len(result.outputs))
+        m.replayed.inc(result.replayed)
+        m.state_resets.inc(result.state_resets)
+        for _, _, reason in result.dead:
+            m.dead.labels(reason).inc()
+        m.batch_size.observe(len(records))
+        m.infer_seconds.observe(result.infer_s)
+        m.batch_seconds.observe(time.perf_counter() - item.t0)
+        m.users.set(result.users)
+        for ts in result.event_ts:
+            m.latency.observe(max(0.0, now - ts / 1000.0))
+
+    # -- timers --------------------------------------------------------------------------
+
+    async def _positions(self) -> dict[Any, int]:
+        """The consumer's position in each assigned input partition (those fetched)."""
+        consumer = self.app.consumer
+        positions = {}
+        for tp in consumer.assignment():
+            if tp.topic != self.cfg.in_topic:
+                continue
+            try:
+                pos = await consumer.position(tp)
+            except Exception:  # not fetched yet
+                continue
+            if pos is not None:
+                positions[tp] = pos
+        return positions
+
+    async def sweep_tail_holes(self) -> None:
+        """Records Faust dropped at the end of a partition (nothing after them arrives to
+        reveal the hole): when the agent has been idle for a while and the consumer's
+        position is past the next offset to apply, read the rest back and apply it."""
+        storer = self.storer
+        if (storer is None or storer.done() or self.app.rebalancing or self.applying.locked()
+                or not self.feed.idle() or time.monotonic() - self.last_batch < IDLE_BEFORE_SWEEP_S):
+            return
+        positions = {tp.partition: pos for tp, pos in (await self._positions()).items()}
+        records = await self.continuity.tail(positions, self.app.consumer_generation_id)
+        if records:
+            await self.apply(None, records, time.perf_counter())
+
+    async def report_lag(self) -> None:
+        """Messages behind the high watermark, per assigned input partition."""
+        consumer = self.app.consumer
+        for tp, pos in (await self._positions()).items():
+            try:
+                hw = consumer.highwater(tp)
+            except Exception:  # not yet fetched
+                continue
+            if hw is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(max(0, hw - pos))

@@ -1,0 +1,94 @@
+"""The Faust table's storage as the engine's `StateStore`: RocksDB for the states, a
+Kafka changelog for recovery."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from clickvec.stream.worker import faust_internals
+from clickvec.stream.worker.engine import Record, StateStore
+from clickvec.stream.worker.sink import DeliveryError, reliable_producer
+from confluent_kafka import KafkaError
+from faust.types import TP
+from rocksdict import WriteBatch
+
+from clickvec.kafka import produce_waiting
+
+TABLE_NAME = "user-state"
+
+
+class TableStore(StateStore):
+    """The Faust table's RocksDB databases as a `StateStore`; a user's state lives in
+    the database of its input partition, as Faust's store keeps it (the partition of the
+    current event).
+
+    Reads and writes go straight to the partition's database (rocksdict, raw bytes, the
+    keys and values Faust's store would hold); a batch's states are written as one
+    `WriteBatch` per partition, as Faust applies changelog batches in recovery. Through
+    Faust's `table[k] = v`, each state would be a separate RocksDB write with its own
+    WAL append, a cost the worker's event loop pays per event.
+
+    Changelog records go through a confluent-kafka producer rather than Faust's own
+    (`table.send_changelog`): the bytes, topic and partition are the ones Faust would
+    write and recovers from, but librdkafka sends them from its own thread instead of
+    the worker's event loop (benchmarks/README.md has the profiles). It also lets
+    `flush` wait for the brokers: Faust's producer-buffer flush gives up after 0.1 s, so
+    offsets could have been committed before the states reached the changelog."""
+
+    def __init__(self, table: Any, producer_conf: dict[str, Any]) -> None:
+        self.table = table
+        self.topic = table.changelog_topic.get_topic_name()
+        self.producer = reliable_producer(producer_conf)
+        self._offsets: dict[int, int] = {}  # changelog partition -> last offset written
+        self._errors: list[str] = []
+
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(str(err))
+        elif msg.offset() > self._offsets.get(msg.partition(), -1):
+            self._offsets[msg.partition()] = msg.offset()
+
+    def _db(self, partition: int) -> Any:
+        # Not cached: Faust closes and reopens a partition's database across rebalances.
+        return faust_internals.db_for_partition(self.table, partition)
+
+    def get(self, user_id: str, record: Record) -> bytes | None:
+        return self._db(record.partition).get(user_id.encode())
+
+    def put(self, user_id: str, value: bytes, record: Record) -> None:
+        self.put_many([(user_id, value, record)])
+
+    def put_many(self, states: Iterable[tuple[str, bytes, Record]]) -> None:
+        """Write RocksDB (one batch per partition) and send the changelog records;
+        `flush` waits for the brokers."""
+        batches: dict[int, Any] = {}
+        producer, topic, on_delivery = self.producer, self.topic, self._on_delivery
+        produce = producer.produce
+        for user_id, value, record in states:
+            key = user_id.encode()
+            partition = record.partition
+            wb = batches.get(partition)
+            if wb is None:
+                wb = batches[partition] = WriteBatch(raw_mode=True)
+            wb.put(key, value)
+            try:
+                produce(topic, value, key, partition, on_delivery)
+            except BufferError:  # local queue full: wait for deliveries to drain it
+                produce_waiting(producer, topic, key, value, on_delivery, partition=partition)
+        for partition, wb in batches.items():
+            self._db(partition).write(wb)
+
+    async def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every changelog record written so far is acknowledged, then record
+        the changelog offsets RocksDB holds (recovery resumes after them)."""
+        loop = asyncio.get_running_loop()
+        remaining = await loop.run_in_executor(None, self.producer.flush, timeout)
+        if remaining or self._errors:
+            errs, self._errors = self._errors, []
+            raise DeliveryError(f"changelog {self.topic}: {remaining} records not delivered within {timeout}s, "
+                                f"errors: {errs[:3]}")
+        offsets, self._offsets = self._offsets, {}
+        for partition, offset in offsets.items():
+            self.table.data.set_persisted_offset(TP(self.topic, partition), offset)
