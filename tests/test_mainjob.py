@@ -212,3 +212,27 @@ def test_live_view_says_draining_and_shows_alerts_as_short_text() -> None:
     assert "warning: the model does not beat the Markov baseline" in frame and text in frame
     assert "  0 s left" in render_screen(Snapshot(elapsed_s=66, duration_s=60), width=150, color=False)
     assert "draining: " in render_line(snap) and "waiting 1,700" in render_line(snap)
+
+
+def test_drain_after_ctrl_c_ends_when_the_worker_caught_up(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from clickvec.run.config import parse_args
+    from clickvec.run.job import DRAIN_QUIET_S, Job
+
+    job = Job(parse_args(["--workdir", str(tmp_path), "--no-dashboard"]))
+    obs, prod = _fake_pipeline(delivered=500, vectors=450)
+    job.observer, job.producer = obs, prod  # type: ignore[assignment]
+    job.children["stream"] = SimpleNamespace(check=lambda: "running")  # type: ignore[assignment]
+    job.snapshot = lambda phase: Snapshot(phase=phase)  # type: ignore[method-assign]
+    job.request_stop("SIGINT")
+
+    def catch_up() -> None:
+        time.sleep(0.3)
+        with obs.lock:
+            obs.counts["out"] = 500
+
+    threading.Thread(target=catch_up, daemon=True).start()
+    t0 = time.monotonic()
+    job._drain()  # noqa: SLF001
+    assert job.drained and time.monotonic() - t0 < DRAIN_QUIET_S

@@ -231,6 +231,9 @@ class Job:
             log.info("nothing waits for a vector: no drain")
             return
         self.drained = True
+        # Stopped by hand: done once the worker caught up; at the end of --duration the
+        # consumers also get time for their last outputs.
+        quiet_s = 0.0 if self.stop_reason in ("SIGINT", "SIGTERM") else DRAIN_QUIET_S
         screen = Screen(live=self.cfg.dashboard, every=2.0)
         deadline = time.monotonic() + timeout
         last, last_change = None, time.monotonic()
@@ -241,7 +244,7 @@ class Job:
             if now != last:
                 last, last_change = now, time.monotonic()
             quiet = time.monotonic() - last_change
-            if waiting_for_vectors(obs, prod) == 0 and quiet > DRAIN_QUIET_S:
+            if waiting_for_vectors(obs, prod) == 0 and quiet >= quiet_s:
                 return
             if quiet > DRAIN_STALL_S:
                 log.warning("the pipeline stopped making progress while draining")
@@ -254,10 +257,15 @@ class Job:
             log.warning("drain timed out after %.0f s", timeout)
 
     def _shutdown(self) -> None:
+        t0 = time.monotonic()
         stop_all([c for n in ("recommend", "alerts", "stream") if (c := self.children.get(n)) is not None])
+        if self.children:
+            log.info("pipeline stopped in %.1f s", time.monotonic() - t0)
         if self.observer is not None and self.observer.is_alive():
+            t0 = time.monotonic()
             self.observer.finish()
             self._tick()
+            log.info("read every topic to its end in %.1f s", time.monotonic() - t0)
         if self.producer is not None and self.producer.is_alive():
             self.producer.stop()
             self.producer.join(30)

@@ -46,6 +46,7 @@ class Observer(threading.Thread):
         self.model_ids: set[str] = set()
         self.last_vector_at = 0.0
         self.error: str | None = None
+        self._admin: Any = None  # for the end offsets, once finishing
 
     def run(self) -> None:
         from confluent_kafka import Consumer
@@ -80,14 +81,21 @@ class Observer(threading.Thread):
             self.finished.set()
 
     def _caught_up(self, c: Any) -> bool:
+        """Every assigned partition read to its end offset (one batched ListOffsets
+        request: a watermark query per partition costs a round trip each)."""
+        from confluent_kafka import TopicPartition
+        from confluent_kafka.admin import AdminClient, OffsetSpec
+
         assignment = c.assignment()
         if len({tp.topic for tp in assignment}) < len(self.topics):
             return False
-        for tp in c.position(assignment):
-            _, high = c.get_watermark_offsets(tp, timeout=5, cached=False)
-            if high > 0 and tp.offset < high:
-                return False
-        return True
+        if self._admin is None:
+            self._admin = AdminClient(self.conf)
+        futures = self._admin.list_offsets(
+            {TopicPartition(tp.topic, tp.partition): OffsetSpec.latest() for tp in assignment}, request_timeout=10)
+        end = {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+        return all(not end[(tp.topic, tp.partition)] or tp.offset >= end[(tp.topic, tp.partition)]
+                   for tp in c.position(assignment))
 
     def _handle(self, kind: str, m: Any, now_ms: int) -> None:
         self.counts[kind] += 1
