@@ -38,7 +38,7 @@ from clickvec.devtools.brokerconf import (
     state_dict,
     write_state_file,
 )
-from clickvec.devtools.proc import die_with_parent, free_port, port_free, tail
+from clickvec.devtools.proc import ChildProcess, free_port, port_free, tail
 
 __all__ = ["KAFKA_VERSION", "Broker", "BrokerError", "fetch_jars", "read_state", "start", "write_state"]
 
@@ -251,12 +251,9 @@ def start(
 def _spawn(cmd: list[str], data_dir: Path, log_dir: Path, tie: bool, foreground: bool) -> subprocess.Popen[bytes]:
     if foreground:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=data_dir)
-    preexec = die_with_parent if tie and sys.platform.startswith("linux") else None
-    with open(log_dir / "console.out", "ab") as out:
-        return subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            cwd=data_dir, start_new_session=preexec is None, preexec_fn=preexec,
-        )  # fmt: skip
+    child = ChildProcess(cmd, log_dir / "console.out", cwd=data_dir, die_with_parent=tie).start()
+    assert child.proc is not None
+    return child.proc
 
 
 # ------------------------------------------------------------------- state file (CLI)
