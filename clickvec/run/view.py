@@ -157,7 +157,7 @@ def render_screen(s: Snapshot, width: int | None = None, color: bool = True) -> 
 
 def _time_left(s: Snapshot) -> str:
     if s.phase.startswith("draining"):
-        return "  draining: producer stopped, the pipeline catches up"
+        return "  (producer stopped, the pipeline catches up)"
     if s.duration_s:
         return f"  {max(0.0, s.duration_s - s.elapsed_s):5.0f} s left"
     return "  Ctrl-C to stop"
