@@ -63,6 +63,7 @@ def _stream_figures(job: Job) -> dict[str, Any]:
         "produce_failures": prod.failed,
         "replay_passes": prod.passes,
         "vectors_published": counts["out"],
+        "vectors_undecodable": obs.undecodable,
         "dead_letters": counts["dlq"],
         "dead_letters_by_reason": dead,
         "alerts": counts["alerts"],
