@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clickvec import __version__
-from clickvec.devtools.proc import clickvec_command
+from clickvec.devtools.proc import clickvec_command, die_with_parent
 from clickvec.run.config import HOLDOUT_FRACTION, RunConfig, RunError
 
 log = logging.getLogger(__name__)
@@ -66,14 +66,15 @@ def holdout(user: str) -> bool:
 
 def run_stage(name: str, cmd: list[str], logs: Path) -> None:
     """Run a stage to completion, its output into logs/NAME.log; its log messages
-    (stages, epochs) also go to this process's log, so they show while it runs."""
+    (stages, epochs) also go to this process's log, so they show while it runs. The
+    stage ends with this job (a stopped run leaves no training behind)."""
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / f"{name}.log"
     t0 = time.monotonic()
     log.info("%s: started (log %s)", name, path)
     with open(path, "wb") as f, subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent,
     ) as proc:
         assert proc.stdout is not None
         for raw in proc.stdout:

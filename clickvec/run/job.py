@@ -84,6 +84,8 @@ class Job:
             if self.stop_requested.is_set():
                 self.skip_drain.set()  # a second Ctrl-C / SIGTERM: stop without waiting
             self.request_stop(signal.Signals(signum).name)
+            if not self.t_stream:  # still starting (broker, build, children): nothing to drain
+                raise KeyboardInterrupt(self.stop_reason)
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
@@ -115,7 +117,7 @@ class Job:
             self._shutdown()
             if "error" in summary:  # what was done before the failure, for the post-mortem
                 with contextlib.suppress(Exception):
-                    self._finish(summary, "error")
+                    self._finish(summary, self.stop_reason or "error")
         return self._finish(summary, self.stop_reason or "duration")
 
     def _finish(self, summary: dict[str, Any], stopped_by: str) -> dict[str, Any]:
