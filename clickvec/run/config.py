@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None,
                    help="seconds of live traffic, then stop (default: until Ctrl-C / SIGTERM)")
     p.add_argument("--rate", type=float, default=2000.0, help="events per second produced (default %(default)s)")
-    p.add_argument("--quick", action="store_true", help="tiny model and data: ready in a fraction of a minute")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, fewer users: the shortest build (a first look, tests)")
     p.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                    help="a status line every few seconds instead of the live view (automatic off a TTY)")
     p.add_argument("--partitions", type=int, default=4, help="partitions of the click topic (default %(default)s)")
