@@ -236,3 +236,19 @@ def test_drain_after_ctrl_c_ends_when_the_worker_caught_up(tmp_path: Path) -> No
     t0 = time.monotonic()
     job._drain()  # noqa: SLF001
     assert job.drained and time.monotonic() - t0 < DRAIN_QUIET_S
+
+
+def test_build_stage_shows_its_log_messages_while_it_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from clickvec.run.build import run_stage
+    from clickvec.run.config import RunError
+
+    script = ("from clickvec.logsetup import configure; import logging; configure();"
+              "print('training config: {', flush=True);"
+              "logging.getLogger('clickvec.training.train').info('epoch 1 loss 3.21')")
+    with caplog.at_level("INFO", logger="clickvec.run.build"):
+        run_stage("train", [sys.executable, "-c", script], tmp_path)
+    shown = [r.getMessage() for r in caplog.records]
+    assert "train | epoch 1 loss 3.21" in shown and not any("training config" in m for m in shown)
+    assert "training config: {" in (tmp_path / "train.log").read_text()
+    with pytest.raises(RunError, match=r"export failed \(exit 3\); log .*export.log\nbroken"):
+        run_stage("export", [sys.executable, "-c", "import sys; print('broken'); sys.exit(3)"], tmp_path)
