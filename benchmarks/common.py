@@ -12,17 +12,15 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from clickvec.devtools.proc import ChildProcess
 from clickvec.kafka import produce_waiting
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,29 +197,15 @@ def source_of(value: bytes) -> str:
 # ------------------------------------------------------------------ processes
 
 
-@dataclass
-class Child:
-    """A contender's worker process, with its log in a file."""
+class Child(ChildProcess):
+    """A contender's worker process, with its log in a file and CPU / RSS from /proc."""
 
-    cmd: list[str]
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
+    def __init__(self, cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__(cmd, log_path, env, cwd=REPO)
 
     def start(self) -> Child:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-                                     start_new_session=True)
+        super().start()
         return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def cpu_s(self) -> float:
         """User + system CPU seconds of the process (all its threads) so far."""
@@ -239,22 +223,6 @@ class Child:
         except OSError:
             pass
         return float("nan")
-
-    def stop(self, timeout: float = 30) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return "(no log)"
 
 
 def percentiles(x: list[float] | np.ndarray) -> dict[str, float | None]:

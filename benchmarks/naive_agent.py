@@ -25,6 +25,7 @@ from clickvec.bundle.reader import load_bundle
 from clickvec.contract.events import EventError, parse_event
 from clickvec.contract.messages import VectorMessage
 from clickvec.features import gap_bucket
+from clickvec.logsetup import configure
 
 
 class Recompute:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--web-port", type=int, default=6067)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    configure(logging.WARNING)
     Path(args.state_dir).mkdir(parents=True, exist_ok=True)
     # The worker's logging fix, so the baselines pay no more than it does.
     import faust

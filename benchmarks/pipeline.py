@@ -41,18 +41,12 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.common import Child, Reader, Sender, create_topic, make_events, percentiles
+from clickvec.devtools.proc import free_port
+from clickvec.logsetup import configure
 
 log = logging.getLogger("pipeline")
 CONTENDERS = ("clickvec", "ceiling", "naive", "recompute")
 WARM_S = 3.0  # seconds at the full paced rate before latency is counted
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def command(name: str, bundle: Path, bootstrap: str, in_topic: str, out_topic: str, state_dir: Path,
@@ -247,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=common.RESULTS / ("pipeline.json"))
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(logging.INFO)
     n_events = a.events or (30_000 if a.quick else 100_000)
     n_users = a.users or (1000 if a.quick else 2000)
     cap_s = 15.0 if a.quick else 40.0  # time cap per backlog run (slow contenders)

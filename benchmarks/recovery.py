@@ -32,6 +32,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks.common import Child, Reader, create_topic
 from benchmarks.pipeline import command
+from clickvec.logsetup import configure
 
 log = logging.getLogger("recovery")
 PARTITIONS = 4
@@ -114,7 +115,7 @@ def one(bootstrap: str, bundle_path: Path, bundle: Any, users: int, work: Path) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(logging.INFO)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--bootstrap", help="use this broker instead of starting one")

@@ -34,6 +34,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.recompute import per_event_cost
+from clickvec.logsetup import configure
 
 log = logging.getLogger("scaling")
 HISTORIES = (1, 10, 100, 1000, 10000)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", type=Path, default=None, help="write a cProfile of Engine.process here")
     p.add_argument("--out", type=Path, default=common.RESULTS / "pipeline_scaling.json")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(logging.INFO)
     from clickvec.stream.worker.engine import Engine
     from clickvec.stream.worker.state import HEADER_BYTES
 

@@ -29,6 +29,7 @@ from clickvec.training.model import Encoder, ModelConfig
 
 from clickvec.bundle.reader import load_bundle
 from clickvec.features import FeatureSpec
+from clickvec.logsetup import configure
 
 log = logging.getLogger("step_throughput")
 RESULTS = Path(__file__).parent / "results" / "step_throughput.json"
@@ -81,7 +82,7 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=3, help="interleaved passes over all batch sizes")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(logging.INFO)
 
     rng = np.random.default_rng(0)
     load_before = os.getloadavg()

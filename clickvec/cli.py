@@ -9,7 +9,7 @@ import logging
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "broker": ("clickvec.devtools.broker", "start/stop the local Apache Kafka broker (deploy/kafka)"),
+    "broker": ("clickvec.devtools.broker", "start/stop a local Apache Kafka broker (fetched with Maven)"),
     "synth": ("clickvec.devtools.synth", "generate synthetic click streams with planted structure"),
     "produce": ("clickvec.devtools.produce", "send events (synthetic or from a file) to a Kafka topic"),
     "train": ("clickvec.training.cli", "train the LSTM encoder offline (needs the [train] extra)"),
@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "stream": ("clickvec.stream.worker.cli", "run the Faust stream worker"),
     "alerts": ("clickvec.stream.consumers.alerts", "fraud-alerting consumer of the vector topic"),
     "recommend": ("clickvec.stream.consumers.recommend", "live recommendation consumer of the vector topic"),
-    "run": ("clickvec.run.job", "the whole pipeline in one command"),
+    "run": ("clickvec.run.cli", "the whole pipeline in one command"),
 }
 
 
@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in SUBCOMMANDS:
         print(f"clickvec: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    from clickvec.logsetup import configure
+
+    configure(logging.INFO)
     module = importlib.import_module(SUBCOMMANDS[cmd][0])
     return int(module.main(rest) or 0)
 

@@ -37,13 +37,16 @@ STAMP=.venv/.clickvec-installed
 HASH="$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
   log "installing clickvec[train,dev,ann] into .venv (first time: several minutes, torch is large)"
+  log "step 1/2: upgrading pip"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[train,dev,ann]"
+  log "step 2/2: clickvec and its dependencies (pip lists each package as it goes)"
+  .venv/bin/python -m pip install --progress-bar on -e ".[train,dev,ann]"
+  log "installed"
   echo "$HASH" > "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
 
-log "fetching the Kafka broker jars (cached after the first time)"
+log "fetching the Kafka broker jars (cached after the first time; the first fetch downloads them with Maven)"
 clickvec broker fetch >&2
 
 case "$MODE" in

@@ -37,33 +37,36 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         b.stop()
 
 
+def create_topic(admin, partitions: int = 4, name_prefix: str = "t") -> str:
+    """A uuid-named topic, returned once the broker reports all its partitions with leaders."""
+    from confluent_kafka.admin import NewTopic
+
+    name = f"{name_prefix}-{uuid.uuid4().hex}"
+    admin.create_topics([NewTopic(name, num_partitions=partitions)], operation_timeout=30)[
+        name
+    ].result(30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        t = admin.list_topics(topic=name, timeout=5).topics.get(name)
+        if (
+            t is not None
+            and t.error is None
+            and len(t.partitions) == partitions
+            and all(p.leader >= 0 for p in t.partitions.values())
+        ):
+            return name
+        time.sleep(0.05)
+    pytest.fail(f"topic {name} did not appear with {partitions} partitions within 30 s")
+
+
 @pytest.fixture
 def new_topic(kafka_bootstrap: str) -> Callable[..., str]:
     """Factory: `new_topic(partitions=4, name_prefix="t")` creates a uuid-named topic
     and returns its name once the broker reports all its partitions."""
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-
-    def make(partitions: int = 4, name_prefix: str = "t") -> str:
-        name = f"{name_prefix}-{uuid.uuid4().hex}"
-        admin.create_topics([NewTopic(name, num_partitions=partitions)], operation_timeout=30)[
-            name
-        ].result(30)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            t = admin.list_topics(topic=name, timeout=5).topics.get(name)
-            if (
-                t is not None
-                and t.error is None
-                and len(t.partitions) == partitions
-                and all(p.leader >= 0 for p in t.partitions.values())
-            ):
-                return name
-            time.sleep(0.05)
-        pytest.fail(f"topic {name} did not appear with {partitions} partitions within 30 s")
-
-    return make
+    return lambda partitions=4, name_prefix="t": create_topic(admin, partitions, name_prefix)
 
 
 @pytest.fixture
@@ -110,15 +113,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def streamed_held(kafka_bootstrap: str, trained, tmp_path_factory: pytest.TempPathFactory):
     """The real worker run once over the held-out events: (vector topic, vectors)."""
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
     from test_alerts import stream_vectors, table_events
 
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
 
     def topic(partitions: int = 4, name_prefix: str = "t") -> str:
-        name = f"{name_prefix}-{uuid.uuid4().hex}"
-        admin.create_topics([NewTopic(name, num_partitions=partitions)])[name].result(30)
-        return name
+        return create_topic(admin, partitions, name_prefix)
 
     bundle_path, held = trained
     return stream_vectors(kafka_bootstrap, topic, lambda: f"g-{uuid.uuid4().hex}", bundle_path,

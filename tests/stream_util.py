@@ -3,11 +3,6 @@ published, and check the design's correctness property against the offline encod
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections import defaultdict
@@ -20,65 +15,35 @@ from confluent_kafka import Consumer, KafkaException
 
 from clickvec.contract.events import ClickEvent
 from clickvec.contract.messages import DeadLetter, VectorMessage
+from clickvec.devtools.proc import ChildProcess, clickvec_command, free_port
 from clickvec.kafka import PARTITION_EOF
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class WorkerProcess:
+class WorkerProcess(ChildProcess):
     """`clickvec stream` in a child process, with its log in a file."""
 
     def __init__(self, bootstrap: str, model: Path, in_topic: str, out_topic: str, dlq_topic: str,
                  group: str, state_dir: Path, log_path: Path, *extra: str) -> None:
-        self.log_path = log_path
-        self.cmd = [
-            sys.executable, "-m", "clickvec.cli", "stream",
-            "--model", str(model), "--brokers", bootstrap,
+        super().__init__(clickvec_command(
+            "stream", "--model", str(model), "--brokers", bootstrap,
             "--in", in_topic, "--out", out_topic, "--dlq", dlq_topic,
             "--group", group, "--state-dir", str(state_dir),
             "--web-port", str(free_port()), "--max-batch", "512", "--max-wait", "0.02",
             *extra,
-        ]
-        self.proc: subprocess.Popen[bytes] | None = None
+        ), log_path, cwd=REPO)
 
     def start(self) -> WorkerProcess:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                     start_new_session=True)
+        super().start()
         return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
 
     def stop(self, timeout: float = 60) -> int | None:
         """SIGTERM and wait: the worker's clean shutdown."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            return None
+        return super().stop(timeout)
 
     def log_tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return "(no log)"
+        return super().log_tail(n)
 
 
 class TopicReader:

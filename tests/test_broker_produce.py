@@ -178,3 +178,29 @@ def test_kafka_wrapper_script_runs() -> None:
         env={**os.environ, "PYTHON": sys.executable},
     )  # fmt: skip
     assert r.returncode == 0 and "start" in r.stdout, r.stderr
+
+
+def test_broker_files_come_with_the_package_and_help_answers_outside_the_repo(tmp_path: Path) -> None:
+    import clickvec
+    from clickvec.devtools.brokerconf import broker_file
+
+    pkg = Path(clickvec.__file__).resolve().parent
+    for name in ("pom.xml", "log4j2.properties"):
+        assert broker_file(name).is_relative_to(pkg / "devtools" / "kafka"), name
+    r = subprocess.run([sys.executable, "-m", "clickvec.cli", "broker", "--help"], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0 and "fetch" in r.stdout, r.stderr
+
+
+def test_free_port_and_child_process(tmp_path: Path) -> None:
+    from clickvec.devtools.proc import ChildProcess, free_port, port_free
+
+    p = free_port()
+    assert port_free(p) and free_port(exclude=(p,)) != p
+    c = ChildProcess([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+                     tmp_path / "c.log").start()
+    deadline = time.monotonic() + 10
+    while "up" not in c.log_tail() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert c.alive() and c.log_tail() == "up"
+    assert c.stop(10) == -15 and not c.alive()

@@ -207,7 +207,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from clickvec.logsetup import configure
+
+    configure()
     sys.exit(main(sys.argv[1:]))

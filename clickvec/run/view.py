@@ -1,7 +1,7 @@
 """The terminal view of `clickvec run`: plain ANSI text, redrawn about once a second.
 
 Rendering only: `render_screen(snap)` and `render_line(snap)` turn a `Snapshot` (what
-`clickvec.mainjob` measured) into text. No curses, no extra dependency; a terminal that
+`clickvec.run.job` measured) into text. No curses, no extra dependency; a terminal that
 understands "clear screen, cursor home" is all it needs.
 """
 
@@ -87,7 +87,7 @@ class Snapshot:
     out_rate: float = 0.0  # vectors/s read back from the vector topic
     vectors: int = 0
     dead_letters: dict[str, int] = field(default_factory=dict)
-    lag: int | None = None
+    waiting: int | None = None  # events produced whose vector has not been read back yet
     latency_now: list[float | None] = field(default_factory=lambda: [None, None, None])
     latency_all: dict[str, Any] = field(default_factory=dict)
     top_surprise: list[tuple[str, float, int, str]] = field(default_factory=list)  # user, surprise, seq, tag
@@ -98,6 +98,7 @@ class Snapshot:
     latest_recommendation: str = ""
     components: dict[str, str] = field(default_factory=dict)
     workdir: str = ""
+    warnings: list[str] = field(default_factory=list)  # about the model, shown in plain words
 
 
 def _ms(v: float | None) -> str:
@@ -114,14 +115,14 @@ def render_screen(s: Snapshot, width: int | None = None, color: bool = True) -> 
     """One full frame (no clear-screen prefix)."""
     width = width or shutil.get_terminal_size((100, 40)).columns
     b, d, red, grn, yel, rst = (BOLD, DIM, RED, GREEN, YELLOW, RESET) if color else ("",) * 6
-    left = f"  {s.duration_s - s.elapsed_s:5.0f} s left" if s.duration_s else "  Ctrl-C to stop"
+    left = _time_left(s)
     dead = sum(s.dead_letters.values())
     lines = [
         f"{b}clickvec run{rst}  {s.phase}  {s.elapsed_s:6.0f} s{left}   brokers {s.brokers}   model {s.model_id[:12]}",
         "",
         f"{b}throughput{rst}  in {s.in_rate:7.0f} ev/s"
         + (f" (worker {s.worker_in_rate:7.0f})" if s.worker_in_rate is not None else "")
-        + f"   out {s.out_rate:7.0f} vec/s   lag {s.lag if s.lag is not None else '-'}",
+        + f"   out {s.out_rate:7.0f} vec/s   waiting for vectors {_count(s.waiting)}",
         f"{b}totals{rst}      produced {s.produced:,} (+{s.malformed} malformed)   vectors {s.vectors:,}   "
         f"dead letters {red if dead else ''}{dead}{rst if dead else ''}"
         + (f" {d}{dict(sorted(s.dead_letters.items()))}{rst}" if dead else ""),
@@ -129,6 +130,7 @@ def render_screen(s: Snapshot, width: int | None = None, color: bool = True) -> 
         f"p95 {_ms(s.latency_now[1])}  p99 {_ms(s.latency_now[2])}",
         f"            whole run{' ' * 24}p50 {_ms(s.latency_all.get('p50'))}  "
         f"p95 {_ms(s.latency_all.get('p95'))}  p99 {_ms(s.latency_all.get('p99'))}",
+        *(f"{yel}warning: {w}{rst}" for w in s.warnings),
         "",
         f"{b}most surprising users now{rst} {d}(mean surprise of their last 3 events){rst}",
     ]
@@ -153,6 +155,18 @@ def render_screen(s: Snapshot, width: int | None = None, color: bool = True) -> 
     return "\n".join(_clip(line, width + (len(line) - len(_strip(line)))) for line in lines)
 
 
+def _time_left(s: Snapshot) -> str:
+    if s.phase.startswith("draining"):
+        return "  (producer stopped, the pipeline catches up)"
+    if s.duration_s:
+        return f"  {max(0.0, s.duration_s - s.elapsed_s):5.0f} s left"
+    return "  Ctrl-C to stop"
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
 def _strip(s: str) -> str:
     for code in (BOLD, DIM, RED, GREEN, YELLOW, RESET):
         s = s.replace(code, "")
@@ -163,10 +177,11 @@ def render_line(s: Snapshot) -> str:
     """The --no-dashboard view: one line every few seconds."""
     p50, p95, p99 = s.latency_now
     top = s.top_surprise[0] if s.top_surprise else None
+    phase = "" if s.phase == "streaming" else f"{s.phase}: "
     return (
-        f"[{s.elapsed_s:5.0f}s] produced {s.produced} ({s.in_rate:.0f}/s) vectors {s.vectors} "
+        f"[{s.elapsed_s:5.0f}s] {phase}produced {s.produced} ({s.in_rate:.0f}/s) vectors {s.vectors} "
         f"({s.out_rate:.0f}/s) dlq {sum(s.dead_letters.values())} alerts {s.alerts} recs {s.recommendations} "
-        f"lag {s.lag if s.lag is not None else '-'} latency p50 {_ms(p50).strip()} p95 {_ms(p95).strip()} "
+        f"waiting {_count(s.waiting)} latency (last 10 s) p50 {_ms(p50).strip()} p95 {_ms(p95).strip()} "
         f"p99 {_ms(p99).strip()}"
         + (f" top {top[0]}={top[1]:.2f}" if top else "")
     )

@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     app = build_app(cfg)
     extra = {}
     if args.log_format == "json":
-        from clickvec.stream.worker.logjson import logging_config
+        from clickvec.logsetup import logging_config
 
         extra["logging_config"] = logging_config(args.loglevel)
     worker = worker_class(faust)(app, loglevel=args.loglevel, quiet=True, redirect_stdouts=False, **extra)
