@@ -3,6 +3,7 @@ the chosen encoder variant as a `Bundle` with a ready step session."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -32,7 +33,7 @@ from clickvec.features import FeatureSpec
 
 log = logging.getLogger(__name__)
 
-
+# ---------------------------------------------------------------------- verification
 
 
 def _verified_manifest(path: Path) -> dict[str, Any]:
@@ -70,13 +71,10 @@ def _read_verified(path: Path, name: str, expected: dict[str, Any]) -> bytes:
 
 
 def _npy(data: bytes, name: str) -> np.ndarray:
-    import io
-
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as e:
         raise BundleError(f"{name} is not a readable .npy array ({e})") from None
-
 
 
 # --------------------------------------------------------------------------- bundle

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +25,7 @@ from clickvec.bundle.format import (
 log = logging.getLogger(__name__)
 
 Array = np.ndarray
-StepResult = tuple[Array, Array, Array, Array, Array]
-
+StepResult = tuple[Array, Array, Array, Array, Array]  # h, c, z_seq, z_last, surprise
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,6 @@ _cuda_failure: str | None = None  # why CUDA did not start in this process; not 
 
 def _nvidia_device_present() -> bool:
     """Cheap check before asking ORT for CUDA, which logs a loud error when it cannot."""
-    import os
-
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
 
 
@@ -99,7 +97,7 @@ def _make_session(model: bytes, cfg: RuntimeConfig) -> ort.InferenceSession:
 
 
 class StepSession:
-    """One ONNX Runtime session over a step graph, with the contract's I/O names.
+    """One ONNX Runtime session over a step graph, fed and read by the format's I/O names.
 
     Used by `Bundle` and by export's parity checks, so both run the exact same code."""
 
@@ -159,8 +157,3 @@ def _check_shapes(f: dict[str, Array], layers: int, hidden: int) -> None:
         raise ValueError(f"lengths must be (B,) = ({B},) with 1 <= lengths <= T = {T}")
     if h.shape != (layers, B, hidden) or f[IN_C].shape != (layers, B, hidden):
         raise ValueError(f"h and c must be (L, B, H) = {(layers, B, hidden)}, got {h.shape}, {f[IN_C].shape}")
-
-
-# --------------------------------------------------------------------------- bundle
-
-
