@@ -39,8 +39,8 @@ def z_rows(sess: StepSession, seqs: Sequence[np.ndarray], batch: int = 64) -> np
 
 def _hr10(z_prev: np.ndarray, targets: np.ndarray, scoring: dict[str, np.ndarray]) -> float:
     """Full-catalogue HR@10 of the true next item (padding and OOV never ranked)."""
-    q = z_prev @ scoring["proj_w"].T + scoring["proj_b"]
-    scores = q @ scoring["emb"].T + scoring["bias"]
+    q = z_prev @ scoring["proj_weight"].T + scoring["proj_bias"]
+    scores = q @ scoring["embeddings"].T + scoring["bias"]
     scores[:, :2] = -np.inf
     true = scores[np.arange(len(targets)), targets]
     rank = (scores > true[:, None]).sum(axis=1)

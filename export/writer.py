@@ -32,10 +32,7 @@ import clickvec
 from clickvec.bundle.format import (
     BUNDLE_FORMAT,
     ENCODER_FILES,
-    ITEM_BIAS,
-    ITEM_EMBEDDINGS,
-    ITEM_PROJ_BIAS,
-    ITEM_PROJ_WEIGHT,
+    ITEM_TABLES,
     MANIFEST,
     STEP_INPUTS,
     STEP_OUTPUTS,
@@ -166,18 +163,17 @@ def _check_sizes(model: Encoder, spec: FeatureSpec) -> None:
 
 
 def _write_tables(tmp: Path, model: Encoder, spec: FeatureSpec) -> dict[str, np.ndarray]:
-    """The vocabulary and the item scoring arrays; returns the arrays by short name."""
+    """The vocabulary and the item scoring tables; returns the tables by role (`ITEM_TABLES`)."""
     (tmp / VOCAB).write_text(json.dumps(spec.to_json(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     sd = model.state_dict()
     scoring = {
-        "emb": sd["item_emb.weight"].float().numpy(),  # (N, Ei)
+        "embeddings": sd["item_emb.weight"].float().numpy(),  # (N, Ei)
         "bias": sd["item_bias"].float().numpy(),  # (N,)
-        "proj_w": sd["item_proj.weight"].float().numpy(),  # (Ei, D)
-        "proj_b": sd["item_proj.bias"].float().numpy(),  # (Ei,)
+        "proj_weight": sd["item_proj.weight"].float().numpy(),  # (Ei, D)
+        "proj_bias": sd["item_proj.bias"].float().numpy(),  # (Ei,)
     }
-    for name, key in ((ITEM_EMBEDDINGS, "emb"), (ITEM_BIAS, "bias"), (ITEM_PROJ_WEIGHT, "proj_w"),
-                      (ITEM_PROJ_BIAS, "proj_b")):
-        np.save(tmp / name, np.ascontiguousarray(scoring[key], np.float32))
+    for role, name in ITEM_TABLES.items():
+        np.save(tmp / name, np.ascontiguousarray(scoring[role], np.float32))
     return scoring
 
 
@@ -253,8 +249,7 @@ def _manifest(
         "variants": variants,
         "refused_variants": refused,
         "item_scoring": {
-            "embeddings": ITEM_EMBEDDINGS, "bias": ITEM_BIAS, "proj_weight": ITEM_PROJ_WEIGHT,
-            "proj_bias": ITEM_PROJ_BIAS,
+            **ITEM_TABLES,
             "formula": "score[i] = (proj_weight @ z + proj_bias) . embeddings[i] + bias[i]",
         },
         "training": _jsonable({

@@ -62,6 +62,14 @@ ITEM_BIAS = "item_bias.npy"
 ITEM_PROJ_WEIGHT = "item_proj_weight.npy"
 ITEM_PROJ_BIAS = "item_proj_bias.npy"
 ENCODER_FILES = {"fp32": "encoder.onnx", "fp16": "encoder.fp16.onnx", "int8": "encoder.int8.onnx"}
+# The item scoring tables by their manifest role: score = (proj_weight @ z + proj_bias)
+# . embeddings[i] + bias[i].
+ITEM_TABLES = {
+    "embeddings": ITEM_EMBEDDINGS,
+    "bias": ITEM_BIAS,
+    "proj_weight": ITEM_PROJ_WEIGHT,
+    "proj_bias": ITEM_PROJ_BIAS,
+}
 # Everything besides the encoder that defines what a vector means.
 CONTENT_FILES = (VOCAB, ITEM_EMBEDDINGS, ITEM_BIAS, ITEM_PROJ_WEIGHT, ITEM_PROJ_BIAS)
 DIGEST_KEY = "manifest_sha256"

@@ -15,7 +15,6 @@ import numpy as np
 from clickvec.bundle.format import (
     BUNDLE_FORMAT,
     CONTENT_FILES,
-    DIGEST_KEY,
     ENCODER_FILES,
     ITEM_BIAS,
     ITEM_EMBEDDINGS,
@@ -24,8 +23,8 @@ from clickvec.bundle.format import (
     MANIFEST,
     VOCAB,
     BundleError,
-    canonical_json,
     compute_model_id,
+    seal_manifest,
     sha256_bytes,
 )
 from clickvec.bundle.runtime import Array, RuntimeConfig, StepResult, StepSession
@@ -52,8 +51,9 @@ def _verified_manifest(path: Path) -> dict[str, Any]:
             f"{mpath}: bundle_format {manifest.get('bundle_format')!r}, this clickvec reads "
             f"{BUNDLE_FORMAT}: export the model with this clickvec version"
         )
-    body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
-    if manifest.get(DIGEST_KEY) != sha256_bytes(canonical_json(body)) or raw != canonical_json(manifest):
+    # Sealing the manifest again gives back its exact bytes only if its digest matches
+    # and it is in canonical form.
+    if raw != seal_manifest(manifest):
         raise BundleError(f"{mpath} was modified after export (its digest does not match)")
     return manifest
 
