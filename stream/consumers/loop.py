@@ -73,7 +73,8 @@ class LoopStats:
 
 def add_loop_arguments(p: argparse.ArgumentParser, out_default: str, group_default: str) -> None:
     add_kafka_arguments(p)
-    p.add_argument("--in", dest="in_topic", default=DEFAULT_OUT_TOPIC, help="vector topic (default %(default)s)")
+    p.add_argument("--in", dest="in_topic", default=DEFAULT_OUT_TOPIC,
+                   help="vector topic (default %(default)s)")
     p.add_argument("--out", dest="out_topic", default=out_default, help="output topic (default %(default)s)")
     p.add_argument("--group", default=group_default, help="consumer group (default %(default)s)")
     p.add_argument("--batch", type=int, default=500, help="messages per batch (default %(default)s)")
@@ -228,7 +229,8 @@ class VectorTopicLoop:
         from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
         try:
-            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
+            offsets = [TopicPartition(t, p, o) for (t, p), o in ends.items()]
+            consumer.commit(offsets=offsets, asynchronous=False)
             self.stats.commits += 1
         except KafkaException as e:
             # A rebalance took the partition: its next owner re-reads the batch.

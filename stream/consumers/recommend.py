@@ -151,7 +151,8 @@ def main(argv: list[str]) -> int:
              bundle.model_id[:12])
 
     def results() -> dict[str, Any]:
-        out: dict[str, Any] = {"recommended": handler.recommended, "skipped_other_model": handler.skipped_model}
+        out: dict[str, Any] = {"recommended": handler.recommended,
+                               "skipped_other_model": handler.skipped_model}
         if handler.eval_items is not None:
             out["evaluation"] = handler.evaluation()
         return out
