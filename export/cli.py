@@ -27,7 +27,7 @@ class ExportConfig:
 
 
 def parse_args(argv: list[str]) -> ExportConfig:
-    from clickvec.export.writer import MIN_COSINE
+    from clickvec.export.variants import MIN_COSINE
 
     p = argparse.ArgumentParser(prog="clickvec export", description=__doc__)
     p.add_argument("run", help="training run directory (best.pt, else last.pt) or a .pt checkpoint")

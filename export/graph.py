@@ -41,6 +41,9 @@ from clickvec.bundle.format import (
     OUT_SURPRISE,
     OUT_Z_LAST,
     OUT_Z_SEQ,
+    STEP_INPUTS,
+    STEP_OUTPUTS,
+    step_io,
 )
 
 OPSET = 17  # LSTM-14, LogSoftmax-13, GatherElements-13: all mature in ORT's CPU and CUDA EPs
@@ -99,122 +102,22 @@ def build_step_graph(
     cfg = model.cfg
     if weight_dtype not in ("float32", "float16"):
         raise ValueError(f"weight_dtype must be float32 or float16, not {weight_dtype!r}")
-    w = encoder_weights(model) if weights is None else weights
-    L, H = cfg.layers, cfg.hidden
-    nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
+    g = _Graph(weight_dtype)
+    for k, v in (encoder_weights(model) if weights is None else weights).items():
+        g.const(k, v)
+    g.axes = tuple(g.const(f"axes_{i}", np.array([i], np.int64)) for i in range(3))
+    x, h_top = _lstm_layers(g, _embeddings(g), cfg.layers, cfg.hidden)
+    g.z_head(x, OUT_Z_SEQ)  # (T, B, D)
+    g.z_head(g.node("Squeeze", [h_top, g.axes[0]], "h_top"), OUT_Z_LAST)  # (B, D)
+    _surprise(g, cfg.layers)
 
-    def const(name: str, value: np.ndarray) -> str:
-        value = np.asarray(value)
-        if value.dtype == np.float32 and weight_dtype == "float16":
-            inits.append(numpy_helper.from_array(value.astype(np.float16), name + "_f16"))
-            nodes.append(helper.make_node("Cast", [name + "_f16"], [name], to=TensorProto.FLOAT))
-        else:
-            inits.append(numpy_helper.from_array(value, name))
-        return name
-
-    def node(op: str, inputs: list[str], output: str, **attrs: Any) -> str:
-        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
-        return output
-
-    for k, v in w.items():
-        const(k, v)
-    axis0 = const("axes_0", np.array([0], np.int64))
-    axis1 = const("axes_1", np.array([1], np.int64))
-    axis2 = const("axes_2", np.array([2], np.int64))
-
-    # Embeddings (T, B) -> (T, B, E); index 0 rows are zero (padding_idx).
-    x = node(
-        "Concat",
-        [
-            node("Gather", ["item_emb", IN_ITEM], "x_item"),
-            node("Gather", ["type_emb", IN_ETYPE], "x_type"),
-            node("Gather", ["gap_emb", IN_GAP], "x_gap"),
-        ],
-        "x_0",
-        axis=2,
+    io = step_io(cfg.layers, cfg.hidden, cfg.z_dim)
+    signature = {name: helper.make_tensor_value_info(name, _ONNX_TYPES[dtype], shape)
+                 for name, (dtype, shape) in io.items()}
+    graph = helper.make_graph(
+        g.nodes, "clickvec_step", [signature[n] for n in STEP_INPUTS], [signature[n] for n in STEP_OUTPUTS],
+        initializer=g.inits,
     )
-
-    y_h: list[str] = []
-    y_c: list[str] = []
-    for layer in range(L):
-        lo = const(f"layer{layer}_start", np.array([layer], np.int64))
-        hi = const(f"layer{layer}_end", np.array([layer + 1], np.int64))
-        h0 = node("Slice", [IN_H, lo, hi, axis0], f"h0_l{layer}")  # (1, B, H)
-        c0 = node("Slice", [IN_C, lo, hi, axis0], f"c0_l{layer}")  # (1, B, H)
-        outs = [f"Y_l{layer}", f"Yh_l{layer}", f"Yc_l{layer}"]
-        # sequence_lens: steps past lengths[b] are not applied; Y_h/Y_c are each user's
-        # state after its own last valid step; Y there is zero.
-        nodes.append(
-            helper.make_node(
-                "LSTM",
-                [x, f"lstm{layer}_W", f"lstm{layer}_R", f"lstm{layer}_B", IN_LENGTHS, h0, c0],
-                outs,
-                name=f"lstm_l{layer}",
-                hidden_size=H,
-                direction="forward",
-            )
-        )
-        x = node("Squeeze", [outs[0], axis1], f"x_{layer + 1}")  # (T, 1, B, H) -> (T, B, H)
-        y_h.append(outs[1])
-        y_c.append(outs[2])
-
-    if L == 1:
-        node("Identity", y_h, OUT_H)
-        node("Identity", y_c, OUT_C)
-    else:
-        node("Concat", y_h, OUT_H, axis=0)
-        node("Concat", y_c, OUT_C, axis=0)
-
-    def z_head(inp: str, out: str) -> str:
-        return node("Add", [node("MatMul", [inp, "z_head_wT"], out + "_mm"), "z_head_b"], out)
-
-    z_head(x, OUT_Z_SEQ)  # (T, B, D)
-    z_head(node("Squeeze", [y_h[-1], axis0], "h_top"), OUT_Z_LAST)  # (B, D)
-
-    # Surprise of event t is scored from the vector *before* it: the state handed in
-    # for t = 0, this call's z_seq[t - 1] after that.
-    top = const("top_layer", np.array(L - 1, np.int64))
-    z0 = z_head(node("Gather", [IN_H, top], "h_in_top", axis=0), "z_in")  # (B, D)
-    z0 = node("Unsqueeze", [z0, axis0], "z_in_t")  # (1, B, D)
-    z_head_prev = node(
-        "Slice",
-        [OUT_Z_SEQ, const("zero", np.array([0], np.int64)), const("minus_one", np.array([-1], np.int64)), axis0],
-        "z_seq_prev",
-    )  # (T - 1, B, D)
-    z_prev = node("Concat", [z0, z_head_prev], "z_prev", axis=0)  # (T, B, D)
-    query = node("Add", [node("MatMul", [z_prev, "item_proj_wT"], "query_mm"), "item_proj_b"], "query")
-    emb_t = node("Transpose", ["item_emb"], "item_emb_T", perm=[1, 0])  # (Ei, N), folded at load
-    logits = node("Add", [node("MatMul", [query, emb_t], "logits_mm"), "item_bias"], "logits")
-    logp = node("LogSoftmax", [logits], "logp", axis=-1)  # (T, B, N)
-    picked = node("GatherElements", [logp, node("Unsqueeze", [IN_ITEM, axis2], "item_idx")], "logp_item", axis=2)
-    logp_item = node("Squeeze", [picked, axis2], "logp_item_sq")  # (T, B)
-    # The event type's own log-softmax from the same z_prev (the model's type head).
-    type_logits = node("Add", [node("MatMul", [z_prev, "type_head_wT"], "type_mm"), "type_head_b"], "type_logits")
-    logp_t = node("LogSoftmax", [type_logits], "logp_type_all", axis=-1)  # (T, B, Ne)
-    picked_t = node("GatherElements", [logp_t, node("Unsqueeze", [IN_ETYPE, axis2], "etype_idx")], "logp_type",
-                    axis=2)
-    logp_type = node("Squeeze", [picked_t, axis2], "logp_type_sq")  # (T, B)
-    node("Neg", [node("Add", [logp_item, logp_type], "logp_event")], OUT_SURPRISE)  # (T, B)
-
-    D = cfg.z_dim
-    f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
-    inputs = [
-        helper.make_tensor_value_info(IN_ITEM, i64, ["T", "B"]),
-        helper.make_tensor_value_info(IN_ETYPE, i64, ["T", "B"]),
-        helper.make_tensor_value_info(IN_GAP, i64, ["T", "B"]),
-        helper.make_tensor_value_info(IN_LENGTHS, i32, ["B"]),
-        helper.make_tensor_value_info(IN_H, f32, [L, "B", H]),
-        helper.make_tensor_value_info(IN_C, f32, [L, "B", H]),
-    ]
-    outputs = [
-        helper.make_tensor_value_info(OUT_H, f32, [L, "B", H]),
-        helper.make_tensor_value_info(OUT_C, f32, [L, "B", H]),
-        helper.make_tensor_value_info(OUT_Z_SEQ, f32, ["T", "B", D]),
-        helper.make_tensor_value_info(OUT_Z_LAST, f32, ["B", D]),
-        helper.make_tensor_value_info(OUT_SURPRISE, f32, ["T", "B"]),
-    ]
-    graph = helper.make_graph(nodes, "clickvec_step", inputs, outputs, initializer=inits)
     proto = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
@@ -223,3 +126,114 @@ def build_step_graph(
     )
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+_ONNX_TYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32}
+
+
+class _Graph:
+    """Nodes and initializers, kept in the order they are added (the order of the proto)."""
+
+    def __init__(self, weight_dtype: str) -> None:
+        self.weight_dtype = weight_dtype
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.axes: tuple[str, ...] = ()  # 1-element int64 constants [0], [1], [2]
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        value = np.asarray(value)
+        if value.dtype == np.float32 and self.weight_dtype == "float16":
+            self.inits.append(numpy_helper.from_array(value.astype(np.float16), name + "_f16"))
+            self.nodes.append(helper.make_node("Cast", [name + "_f16"], [name], to=TensorProto.FLOAT))
+        else:
+            self.inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    def z_head(self, inp: str, out: str) -> str:
+        return self.node("Add", [self.node("MatMul", [inp, "z_head_wT"], out + "_mm"), "z_head_b"], out)
+
+
+def _embeddings(g: _Graph) -> str:
+    """(T, B) indices -> (T, B, E) inputs of the first layer; index 0 rows are zero (padding_idx)."""
+    return g.node(
+        "Concat",
+        [
+            g.node("Gather", ["item_emb", IN_ITEM], "x_item"),
+            g.node("Gather", ["type_emb", IN_ETYPE], "x_type"),
+            g.node("Gather", ["gap_emb", IN_GAP], "x_gap"),
+        ],
+        "x_0",
+        axis=2,
+    )
+
+
+def _lstm_layers(g: _Graph, x: str, layers: int, hidden: int) -> tuple[str, str]:
+    """The LSTM stack over `x` and its state outputs; returns (top layer output (T, B, H),
+    top layer's final h (1, B, H))."""
+    axis0, axis1 = g.axes[0], g.axes[1]
+    y_h: list[str] = []
+    y_c: list[str] = []
+    for layer in range(layers):
+        lo = g.const(f"layer{layer}_start", np.array([layer], np.int64))
+        hi = g.const(f"layer{layer}_end", np.array([layer + 1], np.int64))
+        h0 = g.node("Slice", [IN_H, lo, hi, axis0], f"h0_l{layer}")  # (1, B, H)
+        c0 = g.node("Slice", [IN_C, lo, hi, axis0], f"c0_l{layer}")  # (1, B, H)
+        outs = [f"Y_l{layer}", f"Yh_l{layer}", f"Yc_l{layer}"]
+        # sequence_lens: steps past lengths[b] are not applied; Y_h/Y_c are each user's
+        # state after its own last valid step; Y there is zero.
+        g.nodes.append(
+            helper.make_node(
+                "LSTM",
+                [x, f"lstm{layer}_W", f"lstm{layer}_R", f"lstm{layer}_B", IN_LENGTHS, h0, c0],
+                outs,
+                name=f"lstm_l{layer}",
+                hidden_size=hidden,
+                direction="forward",
+            )
+        )
+        x = g.node("Squeeze", [outs[0], axis1], f"x_{layer + 1}")  # (T, 1, B, H) -> (T, B, H)
+        y_h.append(outs[1])
+        y_c.append(outs[2])
+
+    if layers == 1:
+        g.node("Identity", y_h, OUT_H)
+        g.node("Identity", y_c, OUT_C)
+    else:
+        g.node("Concat", y_h, OUT_H, axis=0)
+        g.node("Concat", y_c, OUT_C, axis=0)
+    return x, y_h[-1]
+
+
+def _surprise(g: _Graph, layers: int) -> None:
+    """-log p(item_t | z_prev) - log p(event_type_t | z_prev), each with its own log-softmax."""
+    axis0, axis2 = g.axes[0], g.axes[2]
+    # Surprise of event t is scored from the vector *before* it: the state handed in
+    # for t = 0, this call's z_seq[t - 1] after that.
+    top = g.const("top_layer", np.array(layers - 1, np.int64))
+    z0 = g.z_head(g.node("Gather", [IN_H, top], "h_in_top", axis=0), "z_in")  # (B, D)
+    z0 = g.node("Unsqueeze", [z0, axis0], "z_in_t")  # (1, B, D)
+    z_head_prev = g.node(
+        "Slice",
+        [OUT_Z_SEQ, g.const("zero", np.array([0], np.int64)), g.const("minus_one", np.array([-1], np.int64)), axis0],
+        "z_seq_prev",
+    )  # (T - 1, B, D)
+    z_prev = g.node("Concat", [z0, z_head_prev], "z_prev", axis=0)  # (T, B, D)
+    query = g.node("Add", [g.node("MatMul", [z_prev, "item_proj_wT"], "query_mm"), "item_proj_b"], "query")
+    emb_t = g.node("Transpose", ["item_emb"], "item_emb_T", perm=[1, 0])  # (Ei, N), folded at load
+    logits = g.node("Add", [g.node("MatMul", [query, emb_t], "logits_mm"), "item_bias"], "logits")
+    logp = g.node("LogSoftmax", [logits], "logp", axis=-1)  # (T, B, N)
+    picked = g.node("GatherElements", [logp, g.node("Unsqueeze", [IN_ITEM, axis2], "item_idx")], "logp_item",
+                    axis=2)
+    logp_item = g.node("Squeeze", [picked, axis2], "logp_item_sq")  # (T, B)
+    # The event type's own log-softmax from the same z_prev (the model's type head).
+    type_logits = g.node("Add", [g.node("MatMul", [z_prev, "type_head_wT"], "type_mm"), "type_head_b"],
+                         "type_logits")
+    logp_t = g.node("LogSoftmax", [type_logits], "logp_type_all", axis=-1)  # (T, B, Ne)
+    picked_t = g.node("GatherElements", [logp_t, g.node("Unsqueeze", [IN_ETYPE, axis2], "etype_idx")],
+                      "logp_type", axis=2)
+    logp_type = g.node("Squeeze", [picked_t, axis2], "logp_type_sq")  # (T, B)
+    g.node("Neg", [g.node("Add", [logp_item, logp_type], "logp_event")], OUT_SURPRISE)  # (T, B)

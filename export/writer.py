@@ -1,4 +1,4 @@
-"""Write a verified model bundle from a training run (format: see clickvec/bundle.py).
+"""Write a verified model bundle from a training run (format: see clickvec/bundle/format.py).
 
 checkpoint -> step graph (onnx.checker) -> parity (fatal) -> files -> optional float16 /
 int8 encoders (each gated on vector cosine to float32) -> manifest (hashes, model id,
@@ -23,7 +23,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from clickvec.export.graph import IR_VERSION, OPSET, build_step_graph
-from clickvec.export.parity import check_parity, pack, random_sequences
+from clickvec.export.parity import check_parity, random_sequences
+from clickvec.export.variants import HOW, MIN_COSINE, quantize_int8, refusal, variant_figures
 from clickvec.training.checkpoint import load_checkpoint
 from clickvec.training.model import Encoder
 
@@ -31,10 +32,7 @@ import clickvec
 from clickvec.bundle.format import (
     BUNDLE_FORMAT,
     ENCODER_FILES,
-    ITEM_BIAS,
-    ITEM_EMBEDDINGS,
-    ITEM_PROJ_BIAS,
-    ITEM_PROJ_WEIGHT,
+    ITEM_TABLES,
     MANIFEST,
     STEP_INPUTS,
     STEP_OUTPUTS,
@@ -42,14 +40,13 @@ from clickvec.bundle.format import (
     compute_model_id,
     seal_manifest,
     sha256_file,
+    step_io,
 )
 from clickvec.bundle.runtime import RuntimeConfig, StepSession
 from clickvec.errors import ClickvecError
 from clickvec.features import FeatureSpec
 
 log = logging.getLogger(__name__)
-
-MIN_COSINE = 0.99  # a float16 / int8 encoder is refused when any checked vector is less similar
 
 
 class ExportError(ClickvecError):
@@ -70,68 +67,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (np.generic, torch.Tensor)) and np.size(x) == 1:
         return _jsonable(x.item())
     return str(x)
-
-
-# ------------------------------------------------------------------------ variants
-
-
-def _z_rows(sess: StepSession, seqs: Sequence[np.ndarray], batch: int = 64) -> np.ndarray:
-    """z after every event of every sequence (each from the zero state), stacked (n, D)."""
-    rows = []
-    for i in range(0, len(seqs), batch):
-        chunk = seqs[i : i + batch]
-        items, types, gaps, lengths = pack(chunk)
-        zero = np.zeros((sess.layers, len(chunk), sess.hidden), np.float32)
-        _, _, z_seq, _, _ = sess.run(items, types, gaps, lengths, zero, zero)
-        rows += [z_seq[: len(s), b] for b, s in enumerate(chunk)]
-    return np.concatenate(rows)
-
-
-def _hr10(z_prev: np.ndarray, targets: np.ndarray, scoring: dict[str, np.ndarray]) -> float:
-    """Full-catalogue HR@10 of the true next item (padding and OOV never ranked)."""
-    q = z_prev @ scoring["proj_w"].T + scoring["proj_b"]
-    scores = q @ scoring["emb"].T + scoring["bias"]
-    scores[:, :2] = -np.inf
-    true = scores[np.arange(len(targets)), targets]
-    rank = (scores > true[:, None]).sum(axis=1)
-    return float(np.mean(rank < 10))
-
-
-def _variant_figures(
-    ref: StepSession, var: StepSession, seqs: Sequence[np.ndarray], real: Sequence[np.ndarray],
-    scoring: dict[str, np.ndarray],
-) -> dict[str, Any]:
-    z_ref, z_var = _z_rows(ref, seqs), _z_rows(var, seqs)
-    cos = np.sum(z_ref * z_var, 1) / (np.linalg.norm(z_ref, axis=1) * np.linalg.norm(z_var, axis=1) + 1e-12)
-    fig: dict[str, Any] = {
-        "vectors_checked": int(len(cos)),
-        "cosine_to_fp32": {
-            "min": float(cos.min()),
-            "p01": float(np.quantile(cos, 0.01)),
-            "mean": float(cos.mean()),
-        },
-        "max_abs_diff_to_fp32": float(np.max(np.abs(z_ref - z_var))),
-    }
-    evalable = [s for s in real if len(s) >= 2]
-    if evalable:
-        prefixes = [s[:-1] for s in evalable]
-        last = np.array([len(p) - 1 for p in prefixes])
-        targets = np.array([s[-1, 0] for s in evalable])
-        offs = np.concatenate([[0], np.cumsum([len(p) for p in prefixes])[:-1]])
-        hr = {}
-        for name, sess in (("fp32", ref), ("variant", var)):
-            hr[name] = _hr10(_z_rows(sess, prefixes)[offs + last], targets, scoring)
-        fig["hr@10"] = {"fp32": hr["fp32"], "variant": hr["variant"], "change": hr["variant"] - hr["fp32"],
-                        "users": len(evalable), "protocol": "next item after each real sequence, full catalogue"}
-    return fig
-
-
-def _quantize_int8(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # LSTM -> DynamicQuantizeLSTM and MatMul -> int8 weights; embeddings (Gather) stay
-    # float so the vectors' inputs are exact.
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["LSTM", "MatMul"])
 
 
 # -------------------------------------------------------------------------- export
@@ -183,12 +118,7 @@ def write_bundle(
     source: str = "",
 ) -> dict[str, Any]:
     model = model.eval()
-    cfg = model.cfg
-    if (cfg.n_items, cfg.n_event_types, cfg.n_gap_buckets) != (spec.n_items, spec.n_event_types, spec.n_gap_buckets):
-        raise ExportError(
-            f"model sizes (items={cfg.n_items}, types={cfg.n_event_types}, gaps={cfg.n_gap_buckets}) do not "
-            f"match the feature spec ({spec.n_items}, {spec.n_event_types}, {spec.n_gap_buckets})"
-        )
+    _check_sizes(model, spec)
     proto = build_step_graph(model)
     encoder = proto.SerializeToString()
     real = list(sequences or [])
@@ -200,46 +130,9 @@ def write_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / ENCODER_FILES["fp32"]).write_bytes(encoder)
-        (tmp / VOCAB).write_text(json.dumps(spec.to_json(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        sd = model.state_dict()
-        scoring = {
-            "emb": sd["item_emb.weight"].float().numpy(),  # (N, Ei)
-            "bias": sd["item_bias"].float().numpy(),  # (N,)
-            "proj_w": sd["item_proj.weight"].float().numpy(),  # (Ei, D)
-            "proj_b": sd["item_proj.bias"].float().numpy(),  # (Ei,)
-        }
-        for name, key in ((ITEM_EMBEDDINGS, "emb"), (ITEM_BIAS, "bias"), (ITEM_PROJ_WEIGHT, "proj_w"),
-                          (ITEM_PROJ_BIAS, "proj_b")):
-            np.save(tmp / name, np.ascontiguousarray(scoring[key], np.float32))
-
-        variants: dict[str, dict[str, Any]] = {"fp32": {"file": ENCODER_FILES["fp32"], "weights": "float32"}}
-        refused: dict[str, str] = {}
+        scoring = _write_tables(tmp, model, spec)
         wanted = [v for v, on in (("fp16", fp16), ("int8", int8)) if on]
-        if wanted:
-            rng = np.random.default_rng(seed + 1)
-            check_seqs = random_sequences(rng, cfg.n_items, cfg.n_event_types, cfg.n_gap_buckets, 64, 50) + real[:256]
-            ref = StepSession(encoder, RuntimeConfig(providers="cpu", warmup=False))
-        for v in wanted:
-            path = tmp / ENCODER_FILES[v]
-            if v == "fp16":
-                path.write_bytes(build_step_graph(model, weight_dtype="float16").SerializeToString())
-                how = "float16 weights, cast to float32 in the graph (half the size; float32 compute)"
-            else:
-                _quantize_int8(tmp / ENCODER_FILES["fp32"], path)
-                how = "onnxruntime.quantization.quantize_dynamic, QInt8 weights of LSTM and MatMul"
-            fig = _variant_figures(ref, StepSession(path.read_bytes(), RuntimeConfig(providers="cpu")),
-                                   check_seqs, real[:256], scoring)
-            fig.update(file=ENCODER_FILES[v], weights=how, min_cosine_bound=min_cosine)
-            if fig["cosine_to_fp32"]["min"] < min_cosine:
-                path.unlink()
-                refused[v] = (f"min cosine to float32 {fig['cosine_to_fp32']['min']:.4f} < bound {min_cosine} "
-                              f"over {fig['vectors_checked']} vectors")
-                log.error("%s encoder refused (not written): %s", v, refused[v])
-                continue
-            log.info("%s encoder: cosine to float32 min %.5f mean %.5f", v, fig["cosine_to_fp32"]["min"],
-                     fig["cosine_to_fp32"]["mean"])
-            variants[v] = fig
-
+        variants, refused = _write_variants(tmp, model, encoder, wanted, real, scoring, min_cosine, seed)
         files: dict[str, dict[str, Any]] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
             for p in sorted(tmp.iterdir()) if p.is_file()
@@ -260,6 +153,65 @@ def write_bundle(
     return manifest
 
 
+def _check_sizes(model: Encoder, spec: FeatureSpec) -> None:
+    cfg = model.cfg
+    if (cfg.n_items, cfg.n_event_types, cfg.n_gap_buckets) != (spec.n_items, spec.n_event_types, spec.n_gap_buckets):
+        raise ExportError(
+            f"model sizes (items={cfg.n_items}, types={cfg.n_event_types}, gaps={cfg.n_gap_buckets}) do not "
+            f"match the feature spec ({spec.n_items}, {spec.n_event_types}, {spec.n_gap_buckets})"
+        )
+
+
+def _write_tables(tmp: Path, model: Encoder, spec: FeatureSpec) -> dict[str, np.ndarray]:
+    """The vocabulary and the item scoring tables; returns the tables by role (`ITEM_TABLES`)."""
+    (tmp / VOCAB).write_text(json.dumps(spec.to_json(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    sd = model.state_dict()
+    scoring = {
+        "embeddings": sd["item_emb.weight"].float().numpy(),  # (N, Ei)
+        "bias": sd["item_bias"].float().numpy(),  # (N,)
+        "proj_weight": sd["item_proj.weight"].float().numpy(),  # (Ei, D)
+        "proj_bias": sd["item_proj.bias"].float().numpy(),  # (Ei,)
+    }
+    for role, name in ITEM_TABLES.items():
+        np.save(tmp / name, np.ascontiguousarray(scoring[role], np.float32))
+    return scoring
+
+
+def _write_variants(
+    tmp: Path, model: Encoder, encoder: bytes, wanted: Sequence[str], real: Sequence[np.ndarray],
+    scoring: dict[str, np.ndarray], min_cosine: float, seed: int,
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Write each wanted smaller encoder next to the float32 one in `tmp`; one that is not
+    close enough to float32 is deleted again. Returns (kept variants, refused ones: why)."""
+    variants: dict[str, dict[str, Any]] = {"fp32": {"file": ENCODER_FILES["fp32"], "weights": "float32"}}
+    refused: dict[str, str] = {}
+    if not wanted:
+        return variants, refused
+    cfg = model.cfg
+    rng = np.random.default_rng(seed + 1)
+    check_seqs = random_sequences(rng, cfg.n_items, cfg.n_event_types, cfg.n_gap_buckets, 64, 50) + real[:256]
+    ref = StepSession(encoder, RuntimeConfig(providers="cpu", warmup=False))
+    for v in wanted:
+        path = tmp / ENCODER_FILES[v]
+        if v == "fp16":
+            path.write_bytes(build_step_graph(model, weight_dtype="float16").SerializeToString())
+        else:
+            quantize_int8(tmp / ENCODER_FILES["fp32"], path)
+        fig = variant_figures(ref, StepSession(path.read_bytes(), RuntimeConfig(providers="cpu")),
+                              check_seqs, real[:256], scoring)
+        fig.update(file=ENCODER_FILES[v], weights=HOW[v], min_cosine_bound=min_cosine)
+        why = refusal(fig, min_cosine)
+        if why is not None:
+            path.unlink()
+            refused[v] = why
+            log.error("%s encoder refused (not written): %s", v, why)
+            continue
+        log.info("%s encoder: cosine to float32 min %.5f mean %.5f", v, fig["cosine_to_fp32"]["min"],
+                 fig["cosine_to_fp32"]["mean"])
+        variants[v] = fig
+    return variants, refused
+
+
 def _manifest(
     model: Encoder, spec: FeatureSpec, payload: dict[str, Any], proto: onnx.ModelProto,
     parity: dict[str, Any], variants: dict[str, dict[str, Any]], refused: dict[str, str],
@@ -267,13 +219,7 @@ def _manifest(
 ) -> dict[str, Any]:
     cfg = model.cfg
     L, H, D = cfg.layers, cfg.hidden, cfg.z_dim
-    shapes = {
-        "item": ["T", "B"], "event_type": ["T", "B"], "gap": ["T", "B"], "lengths": ["B"],
-        "h_in": [L, "B", H], "c_in": [L, "B", H], "h_out": [L, "B", H], "c_out": [L, "B", H],
-        "z_seq": ["T", "B", D], "z_last": ["B", D], "surprise": ["T", "B"],
-    }
-    dtypes = {"item": "int64", "event_type": "int64", "gap": "int64", "lengths": "int32"}
-    io = {name: {"dtype": dtypes.get(name, "float32"), "shape": shapes[name]} for name in STEP_INPUTS + STEP_OUTPUTS}
+    io = {name: {"dtype": dtype, "shape": shape} for name, (dtype, shape) in step_io(L, H, D).items()}
     return {
         "bundle_format": BUNDLE_FORMAT,
         "model_id": variants["fp32"]["model_id"],
@@ -303,8 +249,7 @@ def _manifest(
         "variants": variants,
         "refused_variants": refused,
         "item_scoring": {
-            "embeddings": ITEM_EMBEDDINGS, "bias": ITEM_BIAS, "proj_weight": ITEM_PROJ_WEIGHT,
-            "proj_bias": ITEM_PROJ_BIAS,
+            **ITEM_TABLES,
             "formula": "score[i] = (proj_weight @ z + proj_bias) . embeddings[i] + bias[i]",
         },
         "training": _jsonable({

@@ -18,9 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from clickvec.stream.consumers.alerts import (
-    AlertConfig,
-    AlertScorer,
+from clickvec.stream.consumers.alerts import AlertConfig, AlertScorer
+from clickvec.stream.consumers.alerts_eval import (
     ScoreSeries,
     compare_with_rate_baseline,
     evaluate_alerts,

@@ -262,6 +262,32 @@ def test_loader_runs_without_torch(bundle_dir, sequences):
     assert f"OK ({len(sequences[0])}, 8) [] []" in r.stdout
 
 
+def heavy_imports_of_help(module: str) -> list[str]:
+    """The torch, onnx and training modules a fresh interpreter holds after importing the
+    command `module` and asking it for `--help`."""
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import {module} as command
+        try:
+            command.main(["--help"])
+        except SystemExit:
+            pass
+        heavy = [m for m in sys.modules
+                 if m.split(".")[0] in ("torch", "onnx") or m.startswith("clickvec.training")]
+        print(json.dumps(sorted(heavy)))
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_export_help_imports_neither_torch_nor_onnx():
+    """`clickvec export --help` must not pay for torch and onnx (seconds of imports)."""
+    assert heavy_imports_of_help("clickvec.export.cli") == []
+
+
 def test_surprise_scores_item_and_event_type(spec):
     """surprise = -log p(item_t | z_{t-1}) - log p(event_type_t | z_{t-1}) in the torch
     reference; the graph's parity with it is checked above."""

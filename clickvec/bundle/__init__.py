@@ -1,5 +1,8 @@
-"""Model bundles: the file format (`format`), the verifying reader (`reader`) and the step
-session (`runtime`). The writer is on the export side (`clickvec.export.writer`).
+"""Model bundles, one module per role:
+  format   file names, the step graph's input/output names and shapes, hashing, the seal
+  reader   `load_bundle`: check every file against the manifest, open a `Bundle`
+  runtime  `StepSession`: the ONNX Runtime session of the step graph, CUDA or CPU
+The writer is on the export side (`clickvec.export.writer`).
 
 Imports numpy, onnxruntime and clickvec only — never torch — because the stream worker
 (and its serving image) uses it.

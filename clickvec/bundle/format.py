@@ -1,5 +1,5 @@
-"""The bundle file format: file names, the step graph's input/output names, hashing and
-the sealed manifest. Shared by the writer (export) and the reader (stream)."""
+"""The bundle file format: file names, the step graph's input/output names and shapes,
+hashing and the sealed manifest. Shared by the writer (export) and the reader (stream)."""
 
 from __future__ import annotations
 
@@ -8,29 +8,51 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from clickvec.errors import ClickvecError
 
-# ------------------------------------------------------------ step graph (ONNX) names
+# ------------------------------------------------------------ step graph (ONNX) inputs/outputs
 
 # Named once here; export writes them, stream reads them.
-# Ragged batch of T steps for B users, time-major.
-IN_ITEM = "item"  # int64 [T, B] item index (0 = padding)
-IN_ETYPE = "event_type"  # int64 [T, B] event-type index (0 = padding)
-IN_GAP = "gap"  # int64 [T, B] time-gap bucket (0 = padding / first event)
-IN_LENGTHS = "lengths"  # int32 [B] number of valid steps per user (>= 1)
-IN_H = "h_in"  # float32 [L, B, H]
-IN_C = "c_in"  # float32 [L, B, H]
-OUT_H = "h_out"  # float32 [L, B, H]
-OUT_C = "c_out"  # float32 [L, B, H]
-OUT_Z_SEQ = "z_seq"  # float32 [T, B, D] vector after each event (padding rows undefined)
-OUT_Z_LAST = "z_last"  # float32 [B, D] vector after each user's last event
-OUT_SURPRISE = "surprise"  # float32 [T, B] -log p(item_t | z_{t-1}) - log p(event_type_t | z_{t-1})
+# A ragged batch of T steps for B users, time-major.
+IN_ITEM = "item"  # item index (0 = padding)
+IN_ETYPE = "event_type"  # event-type index (0 = padding)
+IN_GAP = "gap"  # time-gap bucket (0 = padding, 1 = first event)
+IN_LENGTHS = "lengths"  # number of valid steps per user (>= 1)
+IN_H = "h_in"  # LSTM state handed in
+IN_C = "c_in"
+OUT_H = "h_out"  # LSTM state after each user's own last valid step
+OUT_C = "c_out"
+OUT_Z_SEQ = "z_seq"  # vector after each event (rows past a user's length undefined)
+OUT_Z_LAST = "z_last"  # vector after each user's last event
+OUT_SURPRISE = "surprise"  # -log p(item_t | z_{t-1}) - log p(event_type_t | z_{t-1})
 
 STEP_INPUTS = (IN_ITEM, IN_ETYPE, IN_GAP, IN_LENGTHS, IN_H, IN_C)
 STEP_OUTPUTS = (OUT_H, OUT_C, OUT_Z_SEQ, OUT_Z_LAST, OUT_SURPRISE)
 
+# Element type and shape of each input and output. "T" (steps) and "B" (users) stay
+# dynamic; "L", "H" and "D" are the model's layers, hidden size and vector size.
+STEP_IO: dict[str, tuple[str, tuple[str, ...]]] = {
+    IN_ITEM: ("int64", ("T", "B")),
+    IN_ETYPE: ("int64", ("T", "B")),
+    IN_GAP: ("int64", ("T", "B")),
+    IN_LENGTHS: ("int32", ("B",)),
+    IN_H: ("float32", ("L", "B", "H")),
+    IN_C: ("float32", ("L", "B", "H")),
+    OUT_H: ("float32", ("L", "B", "H")),
+    OUT_C: ("float32", ("L", "B", "H")),
+    OUT_Z_SEQ: ("float32", ("T", "B", "D")),
+    OUT_Z_LAST: ("float32", ("B", "D")),
+    OUT_SURPRISE: ("float32", ("T", "B")),
+}
+
+
+def step_io(layers: int, hidden: int, z_dim: int) -> dict[str, tuple[str, list[int | str]]]:
+    """`STEP_IO` with one model's sizes filled in: name -> (dtype, shape)."""
+    sizes = {"L": layers, "H": hidden, "D": z_dim}
+    return {name: (dtype, [sizes.get(d, d) for d in shape]) for name, (dtype, shape) in STEP_IO.items()}
+
+
+# ------------------------------------------------------------------------ bundle files
 
 BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -40,12 +62,17 @@ ITEM_BIAS = "item_bias.npy"
 ITEM_PROJ_WEIGHT = "item_proj_weight.npy"
 ITEM_PROJ_BIAS = "item_proj_bias.npy"
 ENCODER_FILES = {"fp32": "encoder.onnx", "fp16": "encoder.fp16.onnx", "int8": "encoder.int8.onnx"}
+# The item scoring tables by their manifest role: score = (proj_weight @ z + proj_bias)
+# . embeddings[i] + bias[i].
+ITEM_TABLES = {
+    "embeddings": ITEM_EMBEDDINGS,
+    "bias": ITEM_BIAS,
+    "proj_weight": ITEM_PROJ_WEIGHT,
+    "proj_bias": ITEM_PROJ_BIAS,
+}
 # Everything besides the encoder that defines what a vector means.
 CONTENT_FILES = (VOCAB, ITEM_EMBEDDINGS, ITEM_BIAS, ITEM_PROJ_WEIGHT, ITEM_PROJ_BIAS)
 DIGEST_KEY = "manifest_sha256"
-
-Array = np.ndarray
-StepResult = tuple[Array, Array, Array, Array, Array]
 
 
 class BundleError(ClickvecError):
@@ -54,7 +81,7 @@ class BundleError(ClickvecError):
     copy the whole bundle directory again; never edit files inside a bundle by hand."""
 
 
-# ------------------------------------------------------------- hashing (shared with export)
+# ---------------------------------------------------------------- hashing and the seal
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -3,6 +3,7 @@ the chosen encoder variant as a `Bundle` with a ready step session."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -14,7 +15,6 @@ import numpy as np
 from clickvec.bundle.format import (
     BUNDLE_FORMAT,
     CONTENT_FILES,
-    DIGEST_KEY,
     ENCODER_FILES,
     ITEM_BIAS,
     ITEM_EMBEDDINGS,
@@ -23,8 +23,8 @@ from clickvec.bundle.format import (
     MANIFEST,
     VOCAB,
     BundleError,
-    canonical_json,
     compute_model_id,
+    seal_manifest,
     sha256_bytes,
 )
 from clickvec.bundle.runtime import Array, RuntimeConfig, StepResult, StepSession
@@ -32,7 +32,7 @@ from clickvec.features import FeatureSpec
 
 log = logging.getLogger(__name__)
 
-
+# ---------------------------------------------------------------------- verification
 
 
 def _verified_manifest(path: Path) -> dict[str, Any]:
@@ -51,8 +51,9 @@ def _verified_manifest(path: Path) -> dict[str, Any]:
             f"{mpath}: bundle_format {manifest.get('bundle_format')!r}, this clickvec reads "
             f"{BUNDLE_FORMAT}: export the model with this clickvec version"
         )
-    body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
-    if manifest.get(DIGEST_KEY) != sha256_bytes(canonical_json(body)) or raw != canonical_json(manifest):
+    # Sealing the manifest again gives back its exact bytes only if its digest matches
+    # and it is in canonical form.
+    if raw != seal_manifest(manifest):
         raise BundleError(f"{mpath} was modified after export (its digest does not match)")
     return manifest
 
@@ -70,13 +71,10 @@ def _read_verified(path: Path, name: str, expected: dict[str, Any]) -> bytes:
 
 
 def _npy(data: bytes, name: str) -> np.ndarray:
-    import io
-
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as e:
         raise BundleError(f"{name} is not a readable .npy array ({e})") from None
-
 
 
 # --------------------------------------------------------------------------- bundle

@@ -4,28 +4,18 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
-from clickvec.bundle.format import (
-    IN_C,
-    IN_ETYPE,
-    IN_GAP,
-    IN_H,
-    IN_ITEM,
-    IN_LENGTHS,
-    STEP_INPUTS,
-    STEP_OUTPUTS,
-    BundleError,
-)
+from clickvec.bundle.format import IN_H, STEP_INPUTS, STEP_IO, STEP_OUTPUTS, BundleError
 
 log = logging.getLogger(__name__)
 
 Array = np.ndarray
-StepResult = tuple[Array, Array, Array, Array, Array]
-
+StepResult = tuple[Array, Array, Array, Array, Array]  # h, c, z_seq, z_last, surprise
 
 
 @dataclass(frozen=True)
@@ -59,8 +49,6 @@ _cuda_failure: str | None = None  # why CUDA did not start in this process; not 
 
 def _nvidia_device_present() -> bool:
     """Cheap check before asking ORT for CUDA, which logs a loud error when it cannot."""
-    import os
-
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
 
 
@@ -99,7 +87,7 @@ def _make_session(model: bytes, cfg: RuntimeConfig) -> ort.InferenceSession:
 
 
 class StepSession:
-    """One ONNX Runtime session over a step graph, with the contract's I/O names.
+    """One ONNX Runtime session over a step graph, fed and read by the format's I/O names.
 
     Used by `Bundle` and by export's parity checks, so both run the exact same code."""
 
@@ -123,14 +111,10 @@ class StepSession:
         self, items: Array, etypes: Array, gaps: Array, lengths: Array, h: Array, c: Array
     ) -> StepResult:
         feeds: dict[str, Array] = {
-            IN_ITEM: np.ascontiguousarray(items, dtype=np.int64),
-            IN_ETYPE: np.ascontiguousarray(etypes, dtype=np.int64),
-            IN_GAP: np.ascontiguousarray(gaps, dtype=np.int64),
-            IN_LENGTHS: np.ascontiguousarray(lengths, dtype=np.int32),
-            IN_H: np.ascontiguousarray(h, dtype=np.float32),
-            IN_C: np.ascontiguousarray(c, dtype=np.float32),
+            name: np.ascontiguousarray(x, dtype=STEP_IO[name][0])
+            for name, x in zip(STEP_INPUTS, (items, etypes, gaps, lengths, h, c), strict=True)
         }
-        _check_shapes(feeds, self.layers, self.hidden)
+        _check_shapes(*feeds.values(), self.layers, self.hidden)
         if self.io_binding:
             # Inputs copied to the device once, outputs allocated there by ORT and copied
             # back in STEP_OUTPUTS order (the order they are bound in).
@@ -148,19 +132,15 @@ class StepSession:
         return h_new, c_new, z_seq, z_last, surprise
 
 
-def _check_shapes(f: dict[str, Array], layers: int, hidden: int) -> None:
-    items, lengths, h = f[IN_ITEM], f[IN_LENGTHS], f[IN_H]
+def _check_shapes(
+    items: Array, etypes: Array, gaps: Array, lengths: Array, h: Array, c: Array, layers: int, hidden: int
+) -> None:
     if items.ndim != 2 or items.shape[0] < 1 or items.shape[1] < 1:
         raise ValueError(f"items must be (T, B) with T, B >= 1, got {items.shape}")
     T, B = items.shape
-    if f[IN_ETYPE].shape != (T, B) or f[IN_GAP].shape != (T, B):
+    if etypes.shape != (T, B) or gaps.shape != (T, B):
         raise ValueError(f"items, etypes, gaps must share shape (T, B) = {(T, B)}")
     if lengths.shape != (B,) or lengths.min() < 1 or lengths.max() > T:
         raise ValueError(f"lengths must be (B,) = ({B},) with 1 <= lengths <= T = {T}")
-    if h.shape != (layers, B, hidden) or f[IN_C].shape != (layers, B, hidden):
-        raise ValueError(f"h and c must be (L, B, H) = {(layers, B, hidden)}, got {h.shape}, {f[IN_C].shape}")
-
-
-# --------------------------------------------------------------------------- bundle
-
-
+    if h.shape != (layers, B, hidden) or c.shape != (layers, B, hidden):
+        raise ValueError(f"h and c must be (L, B, H) = {(layers, B, hidden)}, got {h.shape}, {c.shape}")

@@ -1,4 +1,4 @@
-"""The consumer loop shared by `clickvec alerts` and `clickvec recommend`.
+"""`VectorTopicLoop`, the consumer loop shared by `clickvec alerts` and `clickvec recommend`.
 
 An ordinary confluent-kafka consumer-group member on the vector topic: consume a batch,
 hand the decoded `VectorMessage`s to a handler, produce what it returns, flush, and only
@@ -18,13 +18,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from clickvec.contract.messages import VectorMessage
+from clickvec.contract.topics import DEFAULT_OUT_TOPIC
 from clickvec.errors import ClickvecError
-from clickvec.kafka import add_kafka_arguments, kafka_client_config, produce_waiting
+from clickvec.kafka import KafkaConnection, add_kafka_arguments, produce_waiting
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,11 @@ class LoopConfig:
     poll_s: float = 0.5
     duration_s: float | None = None  # stop after this many seconds
     idle_exit_s: float | None = None  # stop after this long without a message
-    kafka: dict[str, Any] = field(default_factory=dict, repr=False)
+    connection: KafkaConnection = field(default_factory=KafkaConnection, repr=False)
 
     def describe(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["brokers"] = self.kafka.get("bootstrap.servers")
-        d.pop("kafka")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "connection"}
+        d["brokers"] = self.connection.brokers
         return d
 
 
@@ -73,7 +73,8 @@ class LoopStats:
 
 def add_loop_arguments(p: argparse.ArgumentParser, out_default: str, group_default: str) -> None:
     add_kafka_arguments(p)
-    p.add_argument("--in", dest="in_topic", default="user-vectors", help="vector topic (default %(default)s)")
+    p.add_argument("--in", dest="in_topic", default=DEFAULT_OUT_TOPIC,
+                   help="vector topic (default %(default)s)")
     p.add_argument("--out", dest="out_topic", default=out_default, help="output topic (default %(default)s)")
     p.add_argument("--group", default=group_default, help="consumer group (default %(default)s)")
     p.add_argument("--batch", type=int, default=500, help="messages per batch (default %(default)s)")
@@ -86,7 +87,7 @@ def loop_config(args: argparse.Namespace) -> LoopConfig:
     if args.batch < 1:
         raise SystemExit("--batch must be >= 1")
     return LoopConfig(args.in_topic, args.out_topic, args.group, args.batch, 0.5, args.duration,
-                      args.idle_exit, kafka_client_config(args))
+                      args.idle_exit, KafkaConnection.from_args(args))
 
 
 def write_summary(path: Path | None, summary: dict[str, Any]) -> None:
@@ -98,7 +99,23 @@ def write_summary(path: Path | None, summary: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-class VectorConsumer:
+def run_command(prog: str, cfg: LoopConfig, handler: Handler, summary_path: Path | None,
+                config: dict[str, Any], results: Callable[[], dict[str, Any]]) -> int:
+    """A consumer command's run: the loop until it stops, then the summary
+    `{"config": config, "loop": stats, **results()}` written to `summary_path` and printed
+    without its config. 1 (nothing written) when the loop failed."""
+    try:
+        stats = VectorTopicLoop(cfg, handler).run()
+    except Exception as e:
+        log.error("%s: %s", prog, e)
+        return 1
+    summary = {"config": config, "loop": asdict(stats), **results()}
+    write_summary(summary_path, summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, default=float))
+    return 0
+
+
+class VectorTopicLoop:
     """Consume -> handle -> produce -> flush -> commit, until stopped."""
 
     def __init__(self, cfg: LoopConfig, handler: Handler) -> None:
@@ -107,6 +124,7 @@ class VectorConsumer:
         self.stats = LoopStats()
         self._stop = threading.Event()
         self._stop_reason = ""
+        self._delivery_errors: list[str] = []
 
     def stop(self, reason: str = "stop()") -> None:
         self._stop_reason = self._stop_reason or reason
@@ -119,85 +137,35 @@ class VectorConsumer:
             signal.signal(sig, lambda s, _f: self.stop(signal.Signals(s).name))
 
     def run(self) -> LoopStats:
-        from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+        from confluent_kafka import Consumer, Producer
 
         cfg = self.cfg
         self._install_signals()
-        consumer = Consumer({
-            **cfg.kafka,
+        consumer = Consumer(cfg.connection.client_config(**{
             "group.id": cfg.group,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
-        })
-        producer = Producer({**cfg.kafka, "linger.ms": 5, "enable.idempotence": True})
-        errors: list[str] = []
-
-        def on_delivery(err: Any, msg: Any) -> None:
-            if err is not None and len(errors) < 10:
-                errors.append(f"{msg.topic()}[{msg.partition()}]: {err}")
-
+        }))
+        producer = Producer(cfg.connection.client_config(**{"linger.ms": 5, "enable.idempotence": True}))
         consumer.subscribe([cfg.in_topic])
         log.info("consuming %s as group %s -> %s", cfg.in_topic, cfg.group, cfg.out_topic)
         t0 = last_input = time.monotonic()
         try:
             while not self._stop.is_set():
-                now = time.monotonic()
-                if cfg.duration_s is not None and now - t0 >= cfg.duration_s:
-                    self.stop("duration")
-                    break
-                if cfg.idle_exit_s is not None and now - last_input >= cfg.idle_exit_s:
-                    self.stop("idle")
+                if self._time_is_up(t0, last_input):
                     break
                 msgs = consumer.consume(num_messages=cfg.batch, timeout=cfg.poll_s)
                 if not msgs:
                     continue
                 last_input = time.monotonic()
-                decoded: list[VectorMessage] = []
-                ends: dict[tuple[str, int], int] = {}
-                for m in msgs:
-                    err = m.error()
-                    if err is not None:
-                        if err.fatal():
-                            raise ConsumerError(f"fatal consumer error: {err}")
-                        log.warning("consumer error: %s", err)
-                        continue
-                    self.stats.consumed += 1
-                    ends[(m.topic(), m.partition())] = m.offset() + 1
-                    try:
-                        decoded.append(VectorMessage.from_bytes(m.value()))
-                    except (ValueError, TypeError, KeyError) as e:
-                        self.stats.undecodable += 1
-                        log.warning("skipping undecodable vector message %s[%d] offset=%d: %s",
-                                    m.topic(), m.partition(), m.offset(), e)
+                decoded, ends = self._decode(msgs)
                 self.stats.decoded += len(decoded)
                 out = self.handler(decoded) if decoded else []
-                for key, value in out:
-                    produce_waiting(producer, cfg.out_topic, key, value, on_delivery)
-                remaining = producer.flush(30)
-                if errors or remaining:
-                    raise ConsumerError(
-                        f"could not publish to {cfg.out_topic!r}: "
-                        + (f"{errors}" if errors else f"{remaining} messages still queued after 30 s")
-                    )
-                self.stats.published += len(out)
+                self._publish(producer, out)
                 self.stats.batches += 1
                 if ends:
-                    try:
-                        consumer.commit(
-                            offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()],
-                            asynchronous=False,
-                        )
-                        self.stats.commits += 1
-                    except KafkaException as e:
-                        # A rebalance took the partition: its next owner re-reads the batch.
-                        if e.args[0].code() in (KafkaError.REBALANCE_IN_PROGRESS,
-                                                KafkaError.ILLEGAL_GENERATION,
-                                                KafkaError.UNKNOWN_MEMBER_ID):
-                            self.stats.commit_failures += 1
-                            log.warning("commit lost to a rebalance (%s); the batch will be re-read", e)
-                        else:
-                            raise ConsumerError(f"commit to group {cfg.group!r} failed: {e}") from None
+                    self._commit(consumer, ends)
         finally:
             self.stats.seconds = round(time.monotonic() - t0, 3)
             self.stats.stopped_by = self._stop_reason or "error"
@@ -205,3 +173,70 @@ class VectorConsumer:
             consumer.close()  # leaves the group: partitions move at once
             log.info("consumer stopped (%s): %s", self.stats.stopped_by, asdict(self.stats))
         return self.stats
+
+    def _time_is_up(self, t0: float, last_input: float) -> bool:
+        """Stop (and say why) once --duration has passed or --idle-exit without input."""
+        cfg = self.cfg
+        now = time.monotonic()
+        if cfg.duration_s is not None and now - t0 >= cfg.duration_s:
+            self.stop("duration")
+            return True
+        if cfg.idle_exit_s is not None and now - last_input >= cfg.idle_exit_s:
+            self.stop("idle")
+            return True
+        return False
+
+    def _decode(self, msgs: list[Any]) -> tuple[list[VectorMessage], dict[tuple[str, int], int]]:
+        """The batch's vector messages, and the offset to commit per (topic, partition)."""
+        decoded: list[VectorMessage] = []
+        ends: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.fatal():
+                    raise ConsumerError(f"fatal consumer error: {err}")
+                log.warning("consumer error: %s", err)
+                continue
+            self.stats.consumed += 1
+            ends[(m.topic(), m.partition())] = m.offset() + 1
+            try:
+                decoded.append(VectorMessage.from_bytes(m.value()))
+            except (ValueError, TypeError, KeyError) as e:
+                self.stats.undecodable += 1
+                log.warning("skipping undecodable vector message %s[%d] offset=%d: %s",
+                            m.topic(), m.partition(), m.offset(), e)
+        return decoded, ends
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None and len(self._delivery_errors) < 10:
+            self._delivery_errors.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+
+    def _publish(self, producer: Any, out: list[Record]) -> None:
+        """Produce and flush `out`; raise unless every record was delivered."""
+        cfg = self.cfg
+        errors = self._delivery_errors
+        for key, value in out:
+            produce_waiting(producer, cfg.out_topic, key, value, self._on_delivery)
+        remaining = producer.flush(30)
+        if errors or remaining:
+            raise ConsumerError(
+                f"could not publish to {cfg.out_topic!r}: "
+                + (f"{errors}" if errors else f"{remaining} messages still queued after 30 s")
+            )
+        self.stats.published += len(out)
+
+    def _commit(self, consumer: Any, ends: dict[tuple[str, int], int]) -> None:
+        from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+        try:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in ends.items()]
+            consumer.commit(offsets=offsets, asynchronous=False)
+            self.stats.commits += 1
+        except KafkaException as e:
+            # A rebalance took the partition: its next owner re-reads the batch.
+            if e.args[0].code() in (KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
+                                    KafkaError.UNKNOWN_MEMBER_ID):
+                self.stats.commit_failures += 1
+                log.warning("commit lost to a rebalance (%s); the batch will be re-read", e)
+            else:
+                raise ConsumerError(f"commit to group {self.cfg.group!r} failed: {e}") from None

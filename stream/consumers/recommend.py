@@ -2,7 +2,7 @@
 
   clickvec recommend --model models/NAME --brokers HOST:PORT --in user-vectors --k 10
 
-A consumer-group member (see `stream.consumer_base`): each batch of vector messages is
+A consumer-group member (see `loop`): each batch of vector messages is
 scored against the bundle's item embeddings in one matrix multiply
 (`Bundle.score_items`, padding and OOV indices excluded) and each user's top-k is
 published as JSON `{user_id, seq, model_id, items, scores}` (key = user id).
@@ -18,18 +18,11 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from clickvec.stream.consumers.loop import (
-    Record,
-    VectorConsumer,
-    add_loop_arguments,
-    loop_config,
-    write_summary,
-)
+from clickvec.stream.consumers.loop import Record, add_loop_arguments, loop_config, run_command
 
 from clickvec.contract.messages import VectorMessage
 
@@ -156,21 +149,16 @@ def main(argv: list[str]) -> int:
     handler = RecommendHandler(index, args.k, next_items(args.eval_events) if args.eval_events else None)
     log.info("recommend config: %s k=%d index=%s model_id=%s", loop.describe(), args.k, index.kind,
              bundle.model_id[:12])
-    try:
-        stats = VectorConsumer(loop, handler).run()
-    except Exception as e:
-        log.error("clickvec recommend: %s", e)
-        return 1
-    summary: dict[str, Any] = {
-        "config": {**loop.describe(), "k": args.k, "index": index.kind, "model": str(args.model)},
-        "loop": asdict(stats), "recommended": handler.recommended,
-        "skipped_other_model": handler.skipped_model,
-    }
-    if handler.eval_items is not None:
-        summary["evaluation"] = handler.evaluation()
-    write_summary(args.summary, summary)
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, default=float))
-    return 0
+
+    def results() -> dict[str, Any]:
+        out: dict[str, Any] = {"recommended": handler.recommended,
+                               "skipped_other_model": handler.skipped_model}
+        if handler.eval_items is not None:
+            out["evaluation"] = handler.evaluation()
+        return out
+
+    config = {**loop.describe(), "k": args.k, "index": index.kind, "model": str(args.model)}
+    return run_command("clickvec recommend", loop, handler, args.summary, config, results)
 
 
 if __name__ == "__main__":
