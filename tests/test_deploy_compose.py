@@ -11,7 +11,14 @@ import re
 from typing import Any
 
 import pytest
-from test_deploy_support import DEPLOY, load_schema, load_yaml_all, parse_cli, schema_errors, worker_config
+from test_deploy_support import (
+    DEPLOY,
+    load_schema,
+    load_yaml_all,
+    parse_cli,
+    schema_errors,
+    worker_config,
+)
 
 COMPOSE = DEPLOY / "compose.yaml"
 
