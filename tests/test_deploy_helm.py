@@ -227,8 +227,9 @@ def test_consumers_read_the_worker_output() -> None:
     ({"keda.enabled": "true", "keda.maxReplicas": "5"}, "keda.maxReplicas (5) exceeds input.partitions (4)"),
     ({"keda.enabled": "true", "input.partitions": "2", "keda.minReplicas": "3"}, "exceeds"),
     ({"worker.replicas": "5"}, "worker.replicas (5) exceeds input.partitions (4)"),
+    ({"kafka.sasl.username": "u"}, "the password comes from a Secret"),
 ])
-def test_replicas_never_exceed_partitions(values: dict[str, str], message: str) -> None:
+def test_refused_values(values: dict[str, str], message: str) -> None:
     rc, _, err = _render_cached(tuple(sorted(values.items())))
     assert rc != 0 and message in err, err
 
