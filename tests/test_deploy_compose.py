@@ -118,3 +118,19 @@ def test_click_topic_partitions() -> None:
     cmd = _command("topics")
     assert cmd[cmd.index("--topic") + 1] == worker_config(_command("worker-1"), {}).in_topic
     assert int(cmd[cmd.index("--partitions") + 1]) >= 2, "two workers need two partitions"
+
+
+def test_references_resolve() -> None:
+    """What the schema cannot see: depends_on names services, named volumes are declared, the
+    build targets exist in the Dockerfile."""
+    doc = _compose()
+    dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
+    for name, svc in doc["services"].items():
+        for dep in svc.get("depends_on", {}):
+            assert dep in doc["services"], f"{name} depends on unknown {dep}"
+        for vol in svc.get("volumes", []):
+            source = _interpolate(vol).split(":")[0]
+            if not source.startswith((".", "/", "~")):
+                assert source in doc["volumes"], f"{name}: volume {source} not declared"
+        if "build" in svc:
+            assert f" AS {svc['build']['target']}\n" in dockerfile, f"{name}: no target {svc['build']['target']}"
