@@ -35,11 +35,11 @@ def make_bundle(root: Path, n_items: int = N_ITEMS, seed: int = 0) -> Path:
     """A randomly initialised default-size encoder exported to `root/bundle` (weights do
     not change the cost)."""
     import torch
+
     from clickvec.export.writer import export_bundle
+    from clickvec.features import FeatureSpec
     from clickvec.training.checkpoint import save_checkpoint
     from clickvec.training.model import Encoder, ModelConfig
-
-    from clickvec.features import FeatureSpec
 
     spec = FeatureSpec(items=tuple(f"item-{i}" for i in range(n_items)))
     torch.manual_seed(seed)

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from clickvec.stream.worker.state import UserState, model_id_prefix
 
 from clickvec.bundle.reader import load_bundle
 from clickvec.contract.events import EventError, parse_event
 from clickvec.contract.messages import VectorMessage
 from clickvec.features import gap_bucket
 from clickvec.logsetup import configure
+from clickvec.stream.worker.state import UserState, model_id_prefix
 
 
 class Recompute:
@@ -50,6 +50,7 @@ class Recompute:
 
 def build(args: argparse.Namespace) -> Any:
     import faust
+
     from clickvec.stream.worker.app import TABLE_NAME
 
     bundle = load_bundle(args.model, providers="cpu", intra_op_threads=1)
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.state_dir).mkdir(parents=True, exist_ok=True)
     # The worker's logging fix, so the baselines pay no more than it does.
     import faust
+
     from clickvec.stream.worker.cli import worker_class
 
     app = build(args)

@@ -41,10 +41,10 @@ STORED_SEQ = 7
 
 def fill_changelog(bootstrap: str, topic: str, users: int, bundle: Any) -> float:
     """N state values keyed by user id, each on the partition its input events use."""
-    from clickvec.stream.worker.state import UserState, model_id_prefix
     from confluent_kafka import Producer
 
     from clickvec.kafka import produce_waiting
+    from clickvec.stream.worker.state import UserState, model_id_prefix
 
     prefix = model_id_prefix(bundle.model_id)
     rng = np.random.default_rng(0)

@@ -43,10 +43,9 @@ HISTORIES = (1, 10, 100, 1000, 10000)
 def engine_batch(bundle: Any, users: int, history: int, seed: int = 0) -> tuple[list, Any]:
     """`users` records (one new event each) and a MemoryStateStore whose users already
     applied `history` events."""
+    from clickvec.contract.events import EVENT_TYPES
     from clickvec.stream.worker.engine import MemoryStateStore, records_from
     from clickvec.stream.worker.state import UserState, model_id_prefix
-
-    from clickvec.contract.events import EVENT_TYPES
 
     rng = np.random.default_rng(seed)
     store = MemoryStateStore()
@@ -139,10 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=common.RESULTS / "pipeline_scaling.json")
     a = p.parse_args(argv)
     configure(logging.INFO)
+    from clickvec.bundle.reader import load_bundle
     from clickvec.stream.worker.engine import Engine
     from clickvec.stream.worker.state import HEADER_BYTES
-
-    from clickvec.bundle.reader import load_bundle
 
     load_before = list(os.getloadavg())
     res: dict[str, Any] = {"benchmark": "pipeline_scaling", "what": __doc__.split("\n\n")[1].strip()}

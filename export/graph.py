@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from clickvec.training.model import Encoder
 from onnx import TensorProto, helper, numpy_helper
 
 from clickvec.bundle.format import (
@@ -45,6 +44,7 @@ from clickvec.bundle.format import (
     STEP_OUTPUTS,
     step_io,
 )
+from clickvec.training.model import Encoder
 
 OPSET = 17  # LSTM-14, LogSoftmax-13, GatherElements-13: all mature in ORT's CPU and CUDA EPs
 IR_VERSION = 8  # the IR that goes with opset 17; readable by every ORT since 1.11

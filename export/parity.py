@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from clickvec.training.model import Encoder
 
 from clickvec.bundle.runtime import RuntimeConfig, StepSession
 from clickvec.errors import ClickvecError
+from clickvec.training.model import Encoder
 
 TOL = 1e-5  # max abs difference, float32, on states, vectors and surprise
 

@@ -22,11 +22,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from clickvec.export.graph import IR_VERSION, OPSET, build_step_graph
-from clickvec.export.parity import check_parity, random_sequences
-from clickvec.export.variants import HOW, MIN_COSINE, quantize_int8, refusal, variant_figures
-from clickvec.training.checkpoint import load_checkpoint
-from clickvec.training.model import Encoder
 
 import clickvec
 from clickvec.bundle.format import (
@@ -44,7 +39,12 @@ from clickvec.bundle.format import (
 )
 from clickvec.bundle.runtime import RuntimeConfig, StepSession
 from clickvec.errors import ClickvecError
+from clickvec.export.graph import IR_VERSION, OPSET, build_step_graph
+from clickvec.export.parity import check_parity, random_sequences
+from clickvec.export.variants import HOW, MIN_COSINE, quantize_int8, refusal, variant_figures
 from clickvec.features import FeatureSpec
+from clickvec.training.checkpoint import load_checkpoint
+from clickvec.training.model import Encoder
 
 log = logging.getLogger(__name__)
 

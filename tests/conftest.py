@@ -1,4 +1,4 @@
-"""Shared fixtures: one real Apache Kafka broker per test session (deploy/kafka).
+"""Shared fixtures: one real Apache Kafka broker per test session (clickvec.devtools.broker).
 
 A test that needs the broker fails, with the broker's log tail, when it cannot start;
 it never skips. Set CLICKVEC_BOOTSTRAP=HOST:PORT to run against an external broker.
@@ -30,7 +30,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         b = broker.start(data_dir)
     except Exception as e:  # BrokerError carries the log tail; anything else is as fatal
-        pytest.fail(f"the Kafka broker (deploy/kafka) could not start:\n{e}", pytrace=False)
+        pytest.fail(f"the Kafka broker (clickvec.devtools.broker) could not start:\n{e}", pytrace=False)
     try:
         yield b.bootstrap
     finally:
@@ -80,12 +80,12 @@ def stream_bundle_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small exported model bundle (random weights over the synthetic catalogue) for
     stream tests: the stream's correctness property does not depend on training."""
     import torch
-    from clickvec.export.writer import export_bundle
-    from clickvec.training.checkpoint import save_checkpoint
-    from clickvec.training.model import Encoder, ModelConfig
 
     from clickvec.devtools.synth import SynthConfig, generate_table
+    from clickvec.export.writer import export_bundle
     from clickvec.features import FeatureSpec
+    from clickvec.training.checkpoint import save_checkpoint
+    from clickvec.training.model import Encoder, ModelConfig
 
     d = tmp_path_factory.mktemp("bundle")
     torch.manual_seed(0)

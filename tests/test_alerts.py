@@ -18,6 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from stream_util import REPO, TopicReader, VectorLog, WorkerProcess, wait_for
+
+from clickvec.contract.events import ClickEvent
+from clickvec.contract.messages import VectorMessage
+from clickvec.devtools.produce import produce_events
+from clickvec.devtools.synth import SynthConfig, anomalies, generate_table
 from clickvec.stream.consumers.alerts import AlertConfig, AlertScorer
 from clickvec.stream.consumers.alerts_eval import (
     ScoreSeries,
@@ -25,12 +31,6 @@ from clickvec.stream.consumers.alerts_eval import (
     evaluate_alerts,
     rate_baseline_series,
 )
-from stream_util import REPO, TopicReader, VectorLog, WorkerProcess, wait_for
-
-from clickvec.contract.events import ClickEvent
-from clickvec.contract.messages import VectorMessage
-from clickvec.devtools.produce import produce_events
-from clickvec.devtools.synth import SynthConfig, anomalies, generate_table
 
 N_USERS = 2000
 EVAL_FROM = 1600  # users u01600.. are held out of training and streamed
@@ -50,11 +50,11 @@ def train_tiny_bundle(train: pa.Table, catalogue: Sequence[str], out: Path, step
     type too."""
     import torch
     import torch.nn.functional as F
+
     from clickvec.export.writer import export_bundle
+    from clickvec.features import FeatureSpec
     from clickvec.training.checkpoint import save_checkpoint
     from clickvec.training.model import Encoder, ModelConfig
-
-    from clickvec.features import FeatureSpec
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from clickvec.bundle.format import ENCODER_FILES, MANIFEST, STEP_INPUTS, STEP_OUTPUTS, BundleError
+from clickvec.bundle.reader import bundle_files, load_bundle
 from clickvec.export import cli as export_cli
 from clickvec.export.graph import build_step_graph, encoder_weights
 from clickvec.export.parity import ParityError, check_parity, random_sequences, streamed
 from clickvec.export.writer import export_bundle
+from clickvec.features import FeatureSpec
 from clickvec.training.checkpoint import save_checkpoint
 from clickvec.training.model import Encoder, ModelConfig
-
-from clickvec.bundle.format import ENCODER_FILES, MANIFEST, STEP_INPUTS, STEP_OUTPUTS, BundleError
-from clickvec.bundle.reader import bundle_files, load_bundle
-from clickvec.features import FeatureSpec
 
 REPO = Path(__file__).resolve().parents[1]
 

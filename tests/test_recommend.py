@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from clickvec.stream.consumers.recommend import ItemIndex
 from stream_util import TopicReader, wait_for
 from test_alerts import committed_equals_end, run_cli, table_events
 
 from clickvec.bundle.reader import load_bundle
+from clickvec.stream.consumers.recommend import ItemIndex
 
 
 def test_ann_index_agrees_with_exact(trained):

@@ -3,8 +3,7 @@ Maven from `pom.xml`), the log4j set-up, `server.properties`, the cluster id and
 state file the CLI leaves so another process can find the broker.
 
 `pom.xml` and `log4j2.properties` ship with the package (clickvec/devtools/kafka/), so
-an installed wheel can fetch and start a broker; in a repository checkout they are also
-found in deploy/kafka/.
+an installed wheel can fetch and start a broker as well as a repository checkout.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ MARKER = ".complete"
 STATE_FILE = "broker.json"
 DEFAULT_DIR = Path(".clickvec") / "kafka"
 _HERE = Path(__file__).resolve().parent
-_FILE_DIRS = (_HERE / "kafka", _HERE.parents[1] / "deploy" / "kafka")
+_FILE_DIRS = (_HERE / "kafka",)
 # Jars without which the broker cannot start; the marker alone could outlive a deleted jar.
 _REQUIRED_JARS = (
     f"kafka_2.13-{KAFKA_VERSION}.jar",
@@ -57,7 +56,7 @@ class BrokerError(ClickvecError):
 
 
 def broker_file(name: str) -> Path:
-    """`pom.xml` or `log4j2.properties`: from the package, else from deploy/kafka/."""
+    """`pom.xml` or `log4j2.properties`, shipped with the package."""
     for d in _FILE_DIRS:
         if (d / name).is_file():
             return d / name

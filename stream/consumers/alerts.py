@@ -36,9 +36,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from clickvec.stream.consumers.loop import Record, add_loop_arguments, loop_config, run_command
 
 from clickvec.contract.messages import VectorMessage
+from clickvec.stream.consumers.loop import Record, add_loop_arguments, loop_config, run_command
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +264,8 @@ def main(argv: list[str]) -> int:
         out: dict[str, Any] = {"scored": handler.scored, "replays_skipped": handler.scorer.replays,
                                "alerts_published": len(handler.alerts)}
         if args.labels:
-            from clickvec.stream.consumers.alerts_eval import evaluate_alerts
-
             from clickvec.eventfile import read_table
+            from clickvec.stream.consumers.alerts_eval import evaluate_alerts
 
             out["evaluation"] = evaluate_alerts(handler.alerts, read_table(args.labels))
         return out

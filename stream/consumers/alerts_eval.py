@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from clickvec.stream.consumers.alerts import AlertConfig, AlertScorer, Scored
 
 from clickvec.contract.messages import VectorMessage
+from clickvec.stream.consumers.alerts import AlertConfig, AlertScorer, Scored
 
 DEFAULT_ALERTS = AlertConfig()  # the live command's defaults
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from clickvec.stream.consumers.loop import Record, add_loop_arguments, loop_config, run_command
 
 from clickvec.contract.messages import VectorMessage
+from clickvec.stream.consumers.loop import Record, add_loop_arguments, loop_config, run_command
 
 log = logging.getLogger(__name__)
 
