@@ -7,14 +7,7 @@ import hashlib
 import os
 
 import pytest
-from stream_util import (
-    TopicReader,
-    VectorLog,
-    WorkerProcess,
-    check_vectors,
-    read_dead_letters,
-    wait_for,
-)
+import stream_util as su
 
 from clickvec.bundle.reader import load_bundle
 from clickvec.contract.messages import DEAD_LETTER_MAX_BYTES, DeadLetter
@@ -66,12 +59,12 @@ def test_oversized_message_is_dead_lettered_and_the_worker_goes_on(kafka_bootstr
     assert produce_records(records, kafka_bootstrap, src, extra_config={"message.max.bytes": 2_000_000,
                                                                       "compression.type": "none"}) == 401
     bundle = load_bundle(stream_bundle_path, providers="cpu")
-    w = WorkerProcess(kafka_bootstrap, stream_bundle_path, src, out, dlq, new_group(), tmp_path / "s",
+    w = su.WorkerProcess(kafka_bootstrap, stream_bundle_path, src, out, dlq, new_group(), tmp_path / "s",
                       tmp_path / "w.log").start()
-    reader, dead_reader = TopicReader(kafka_bootstrap, out), TopicReader(kafka_bootstrap, dlq)
+    reader, dead_reader = su.TopicReader(kafka_bootstrap, out), su.TopicReader(kafka_bootstrap, dlq)
     try:
-        wait_for(dead_reader, lambda m: len(m) >= 1, 120, [w])
-        wait_for(reader, lambda m: VectorLog.of(m).distinct() >= len(events), 120, [w])
+        su.wait_for(dead_reader, lambda m: len(m) >= 1, 120, [w])
+        su.wait_for(reader, lambda m: su.VectorLog.of(m).distinct() >= len(events), 120, [w])
         reader.poll(1.0)
         assert w.alive(), "the worker stopped on the oversized message"
     finally:
@@ -79,8 +72,8 @@ def test_oversized_message_is_dead_lettered_and_the_worker_goes_on(kafka_bootstr
         reader.close()
         dead_reader.close()
     assert rc == 0, w.log_tail()
-    check_vectors(bundle, events, VectorLog.of(reader.messages))
-    dead = read_dead_letters(dead_reader.messages)
+    su.check_vectors(bundle, events, su.VectorLog.of(reader.messages))
+    dead = su.read_dead_letters(dead_reader.messages)
     assert len(dead) == 1
     d = dead[0]
     assert d.truncated and d.value_size == len(big) and d.value_sha256 == hashlib.sha256(big).hexdigest()
