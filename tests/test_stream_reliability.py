@@ -32,6 +32,15 @@ def test_dead_letter_of_a_large_value_is_truncated_with_size_and_hash():
     assert b"truncated" not in small.to_bytes() and DeadLetter.from_bytes(small.to_bytes()) == small
 
 
+def checked_outputs(w: su.WorkerProcess, rc: int | None, reader: su.TopicReader, dead_reader: su.TopicReader,
+                    bundle, events) -> list[DeadLetter]:
+    """After the worker stopped with `rc` (it must be 0): every user's vectors equal the
+    offline encoder's; returns the dead letters read."""
+    assert rc == 0, w.log_tail()
+    su.check_vectors(bundle, events, su.VectorLog.of(reader.messages))
+    return su.read_dead_letters(dead_reader.messages)
+
+
 def _topic(admin, name: str, partitions: int, config: dict[str, str] | None = None) -> str:
     from confluent_kafka.admin import NewTopic
 
@@ -71,9 +80,7 @@ def test_oversized_message_is_dead_lettered_and_the_worker_goes_on(kafka_bootstr
         rc = w.stop()
         reader.close()
         dead_reader.close()
-    assert rc == 0, w.log_tail()
-    su.check_vectors(bundle, events, su.VectorLog.of(reader.messages))
-    dead = su.read_dead_letters(dead_reader.messages)
+    dead = checked_outputs(w, rc, reader, dead_reader, bundle, events)
     assert len(dead) == 1
     d = dead[0]
     assert d.truncated and d.value_size == len(big) and d.value_sha256 == hashlib.sha256(big).hexdigest()
