@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import pytest
 import stream_util as su
@@ -92,3 +93,64 @@ def test_oversized_message_is_dead_lettered_and_the_worker_goes_on(kafka_bootstr
     m = c.consume(1, timeout=10)[0]
     c.close()
     assert m.value() == big  # the letter's offset points at the oversized message
+
+
+def test_retriable_errors_are_retried_for_a_bounded_time():
+    from clickvec.stream.worker.continuity import GapError, retrying
+    from confluent_kafka import KafkaError, KafkaException
+
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise KafkaException(KafkaError(KafkaError.NOT_COORDINATOR))
+        return "ok"
+
+    assert retrying(flaky, "committed", timeout=5.0, first_wait=0.01) == "ok" and len(calls) == 3
+
+    def never() -> str:
+        raise KafkaException(KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS))
+
+    t0 = time.monotonic()
+    with pytest.raises(GapError, match="committed"):
+        retrying(never, "committed", timeout=0.5, first_wait=0.05)
+    assert time.monotonic() - t0 < 2.0
+
+    def denied() -> str:
+        raise KafkaException(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED))
+
+    t0 = time.monotonic()
+    with pytest.raises(GapError):
+        retrying(denied, "committed", timeout=30.0)
+    assert time.monotonic() - t0 < 1.0  # not retriable: at once
+
+
+def test_gaps_the_consumer_skipped_over_are_no_holes():
+    """A read_committed consumer skips transaction markers and aborted records: a gap
+    right after the record applied last, between two records the consumer returned one
+    after the other (FetchChain), is passed, not read back."""
+    from clickvec.stream.worker.continuity import find_holes
+    from clickvec.stream.worker.engine import Record
+    from clickvec.stream.worker.faust_internals import FetchChain
+
+    chain, skips = FetchChain(), {}
+    chain.link(1, 0, [10, 11, 13], skips)  # 12: a commit marker
+    chain.link(1, 0, [20, 21], skips)  # 14..19: an aborted transaction and its marker
+    assert skips == {(0, 13): 11, (0, 20): 13}
+    recs = [Record(b"k", b"v", "t", 0, o) for o in (10, 11, 13, 20, 21)]
+    passed: list[tuple[int, int, int]] = []
+    expected = {0: 10}
+    assert find_holes(recs, expected, skips, passed) == [] and expected == {0: 22}
+    assert passed == [(0, 12, 13), (0, 14, 20)]
+    # Records the worker never applied (expected lower than the chain's record before):
+    # a hole, read back.
+    assert find_holes(recs[2:], {0: 12}, skips, []) == []
+    assert find_holes(recs[3:], {0: 12}, skips, []) == [(0, 0, 12)]
+    # After a drop the chain starts again: the next gap is read back.
+    chain.broken()
+    skips2: dict[tuple[int, int], int] = {}
+    chain.link(1, 0, [30], skips2)
+    assert skips2 == {}
+    chain.link(2, 0, [31, 33], skips2)  # a new generation starts a new chain too
+    assert skips2 == {(0, 33): 31}
