@@ -34,11 +34,30 @@ def _metric(worker: su.WorkerProcess, name: str) -> float:
     return float(m.group(1))
 
 
+def _transactions(producer, topic: str, chunks, fakes, first: int) -> int:
+    """Each chunk of events in a committed transaction; after every third, an aborted
+    one with other events of the same users' keys. Returns the aborted count."""
+    aborted = 0
+    for n, chunk in enumerate(chunks, start=first):
+        producer.begin_transaction()
+        for e in chunk:
+            producer.produce(topic, e.to_bytes(), e.user_id.encode())
+        producer.commit_transaction(30)
+        if n % 3 == 1:
+            producer.begin_transaction()
+            for f in fakes[n * 20:(n + 1) * 20]:
+                producer.produce(topic, f.to_bytes(), f.user_id.encode())
+            producer.flush(30)
+            producer.abort_transaction(30)
+            aborted += 1
+    return aborted
+
+
 def test_transactional_upstream_no_false_holes(kafka_bootstrap, new_topic, new_group, stream_bundle_path,
                                                tmp_path):
-    """Events written in transactions, some aborted: commit and abort markers take
-    offsets no consumer sees. Aborted events are never applied, no gap is read back,
-    every user exact."""
+    """Events written in transactions, some aborted, half before the worker starts and
+    half while it runs: commit and abort markers take offsets no consumer sees. Aborted
+    events are never applied, no gap is read back, every user exact."""
     from confluent_kafka import Producer
 
     src, out, dlq = new_topic(2, "txn"), new_topic(2, "vectors"), new_topic(2, "dlq")
@@ -47,27 +66,17 @@ def test_transactional_upstream_no_false_holes(kafka_bootstrap, new_topic, new_g
     p = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"tx-{uuid.uuid4().hex}",
                   "linger.ms": 5})
     p.init_transactions(30)
-    committed = aborted = 0
     chunks = [events[i:i + 50] for i in range(0, len(events), 50)]
-    for n, chunk in enumerate(chunks):
-        p.begin_transaction()
-        for e in chunk:
-            p.produce(src, e.to_bytes(), e.user_id.encode())
-        p.commit_transaction(30)
-        committed += 1
-        if n % 3 == 1:  # an aborted transaction after it: the same users' keys, other events
-            p.begin_transaction()
-            for f in fakes[n * 20:(n + 1) * 20]:
-                p.produce(src, f.to_bytes(), f.user_id.encode())
-            p.flush(30)
-            p.abort_transaction(30)
-            aborted += 1
-    assert committed == 10 and aborted >= 3
+    aborted = _transactions(p, src, chunks[:5], fakes, 0)
     bundle = load_bundle(stream_bundle_path, providers="cpu")
     w = su.WorkerProcess(kafka_bootstrap, stream_bundle_path, src, out, dlq, new_group(), tmp_path / "s",
                          tmp_path / "w.log").start()
     reader = su.TopicReader(kafka_bootstrap, out)
     try:
+        su.wait_for(reader, lambda m: su.VectorLog.of(m).distinct() >= 250, 120, [w])
+        for k in range(5, 10):  # live: the worker reads as the transactions commit
+            aborted += _transactions(p, src, chunks[k:k + 1], fakes, k)
+            time.sleep(0.3)
         su.wait_for(reader, lambda m: su.VectorLog.of(m).distinct() >= len(events), 120, [w])
         time.sleep(4.0)  # idle long enough for the tail-hole sweep to run (pipeline.py)
         reader.poll(1.0)
@@ -77,6 +86,7 @@ def test_transactional_upstream_no_false_holes(kafka_bootstrap, new_topic, new_g
         rc = w.stop()
         reader.close()
     assert rc == 0, w.log_tail()
+    assert aborted >= 3
     su.check_vectors(bundle, events, su.VectorLog.of(reader.messages))  # nothing aborted applied
     log = w.log_path.read_text(errors="replace")
     assert gap_filled == 0, f"{gap_filled} offsets read back"
