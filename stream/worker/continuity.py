@@ -162,7 +162,9 @@ class Continuity:
                 if time.monotonic() > deadline:
                     raise GapError(f"{self.topic}[{partition}] offsets {start}..{end - 1}: read "
                                    f"{len(got)} records in {self.timeout}s")
-                for m in c.consume(num_messages=1000, timeout=0.5):
+                # Short polls: a range holding nothing readable (an aborted transaction)
+                # returns no message, only a position past it.
+                for m in c.consume(num_messages=1000, timeout=0.1):
                     if m.partition() != partition:  # left over from an earlier read
                         continue
                     if m.error() is not None:
