@@ -127,9 +127,27 @@ def decode_vector(data: bytes) -> np.ndarray:
     raise ValueError(f"unknown vector dtype code {dtype}")
 
 
+# A dead letter is at most this many bytes: the producer refuses messages over its
+# message.max.bytes (1,000,000 by default), and base64 makes a value 4/3 as long, so an
+# input of ~750 KB or more would otherwise give a dead letter no producer can send, and
+# the worker would stop on it at every start. The message key is capped too (it travels
+# beside the value).
+DEAD_LETTER_MAX_BYTES = 900_000
+DEAD_LETTER_MAX_KEY_BYTES = 16_384
+_DETAIL_MAX_CHARS = 4_096
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """What the stream publishes to the dead-letter topic for a bad message."""
+    """What the stream publishes to the dead-letter topic for a bad message.
+
+    A dead letter whose JSON would exceed `DEAD_LETTER_MAX_BYTES` keeps only a prefix of
+    the key and value: `truncated` is then true, and `key_size` / `value_size` and
+    `key_sha256` / `value_sha256` describe the original bytes (None when not truncated).
+
+    Dead letters are at-least-once: after a crash, the batch's messages are processed
+    again and their dead letters published again. Deduplicate on (topic, partition,
+    offset)."""
 
     reason: str
     detail: str
@@ -138,22 +156,40 @@ class DeadLetter:
     offset: int
     key: bytes | None
     value: bytes | None
+    truncated: bool = False
+    key_size: int | None = None
+    value_size: int | None = None
+    key_sha256: str | None = None
+    value_sha256: str | None = None
 
-    def to_bytes(self) -> bytes:
-        import base64
+    def to_bytes(self, max_bytes: int = DEAD_LETTER_MAX_BYTES) -> bytes:
+        out = _letter_json(self, self.key, self.value)
+        if len(out) <= max_bytes or self.truncated:
+            return out
+        return self.truncate(max_bytes).to_bytes(max_bytes)
 
-        return json.dumps(
-            {
-                "reason": self.reason,
-                "detail": self.detail,
-                "topic": self.topic,
-                "partition": self.partition,
-                "offset": self.offset,
-                "key_b64": base64.b64encode(self.key).decode() if self.key is not None else None,
-                "value_b64": base64.b64encode(self.value).decode() if self.value is not None else None,
-            },
-            separators=(",", ":"),
-        ).encode()
+    def truncate(self, max_bytes: int = DEAD_LETTER_MAX_BYTES) -> DeadLetter:
+        """This (untruncated) dead letter with prefixes of the key and value that fit in
+        `max_bytes`, their original sizes and sha256 hashes."""
+        import dataclasses
+        import hashlib
+
+        def digest(b: bytes | None) -> str | None:
+            return hashlib.sha256(b).hexdigest() if b is not None else None
+
+        base = dataclasses.replace(
+            self, detail=self.detail[:_DETAIL_MAX_CHARS], truncated=True,
+            key=self.key[:DEAD_LETTER_MAX_KEY_BYTES] if self.key is not None else None,
+            value=b"" if self.value is not None else None,
+            key_size=len(self.key) if self.key is not None else None,
+            value_size=len(self.value) if self.value is not None else None,
+            key_sha256=digest(self.key), value_sha256=digest(self.value),
+        )
+        if self.value is None:
+            return base
+        room = max_bytes - len(_letter_json(base, base.key, base.value))
+        keep = max(0, room) // 4 * 3  # base64: 4 characters per 3 bytes
+        return dataclasses.replace(base, value=self.value[:keep])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DeadLetter:
@@ -168,5 +204,28 @@ class DeadLetter:
             offset=d["offset"],
             key=base64.b64decode(d["key_b64"]) if d["key_b64"] is not None else None,
             value=base64.b64decode(d["value_b64"]) if d["value_b64"] is not None else None,
+            truncated=bool(d.get("truncated", False)),
+            key_size=d.get("key_size"),
+            value_size=d.get("value_size"),
+            key_sha256=d.get("key_sha256"),
+            value_sha256=d.get("value_sha256"),
         )
 
+
+def _letter_json(d: DeadLetter, key: bytes | None, value: bytes | None) -> bytes:
+    """The dead letter `d` as JSON, with `key` and `value` as its bytes."""
+    import base64
+
+    fields: dict[str, object] = {
+        "reason": d.reason,
+        "detail": d.detail,
+        "topic": d.topic,
+        "partition": d.partition,
+        "offset": d.offset,
+        "key_b64": base64.b64encode(key).decode() if key is not None else None,
+        "value_b64": base64.b64encode(value).decode() if value is not None else None,
+    }
+    if d.truncated:
+        fields.update(truncated=True, key_size=d.key_size, value_size=d.value_size,
+                      key_sha256=d.key_sha256, value_sha256=d.value_sha256)
+    return json.dumps(fields, separators=(",", ":")).encode()

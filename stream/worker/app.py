@@ -18,7 +18,7 @@ from clickvec.stream.worker.continuity import Continuity
 from clickvec.stream.worker.engine import Engine, EngineConfig
 from clickvec.stream.worker.feed import BatchFeed
 from clickvec.stream.worker.metrics import Metrics
-from clickvec.stream.worker.pipeline import Pipeline
+from clickvec.stream.worker.pipeline import Pipeline, fail_stopping
 from clickvec.stream.worker.sink import Sink
 from clickvec.stream.worker.table import TABLE_NAME, TableStore
 from clickvec.stream.worker.views import Views
@@ -26,19 +26,26 @@ from confluent_kafka.admin import AdminClient
 from faust.types import TP
 
 from clickvec.bundle.reader import load_bundle
+from clickvec.errors import ClickvecError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TABLE_NAME", "build_app", "ensure_topics"]
+__all__ = ["TABLE_NAME", "TopicMissingError", "build_app", "changelog_replicas", "ensure_topics"]
 
 
-def ensure_topics(cfg: StreamConfig) -> int:
+class TopicMissingError(ClickvecError):
+    """The input topic does not exist. Action: create it (clickvec produce --partitions N
+    creates it) before starting the worker."""
+
+
+def ensure_topics(cfg: StreamConfig, md: Any = None) -> int:
     """Partition count of the input topic; creates the output and dead-letter topics
-    with the same count when missing."""
+    with the same count when missing. `md`: the cluster's metadata, if already read."""
     conn = cfg.connection()
-    md = AdminClient(conn.client_config()).list_topics(timeout=30)
+    if md is None:
+        md = AdminClient(conn.client_config()).list_topics(timeout=30)
     if cfg.in_topic not in md.topics or md.topics[cfg.in_topic].error is not None:
-        raise SystemExit(
+        raise TopicMissingError(
             f"input topic {cfg.in_topic!r} does not exist on {cfg.brokers}; create it (clickvec produce "
             "--partitions N creates it) before starting the worker"
         )
@@ -48,7 +55,13 @@ def ensure_topics(cfg: StreamConfig) -> int:
     return n
 
 
-def _faust_app(cfg: StreamConfig, partitions: int) -> faust.App:
+def changelog_replicas(cfg: StreamConfig, brokers: int) -> int:
+    """The changelog's replication factor: as configured, else min(3, brokers): a
+    changelog on one replica loses the states with that broker's disk."""
+    return cfg.replication_factor if cfg.replication_factor > 0 else max(1, min(3, brokers))
+
+
+def _faust_app(cfg: StreamConfig, partitions: int, replicas: int) -> faust.App:
     return faust.App(
         cfg.group,
         broker=[f"kafka://{b.strip()}" for b in cfg.brokers.split(",")],
@@ -56,7 +69,7 @@ def _faust_app(cfg: StreamConfig, partitions: int) -> faust.App:
         store="rocksdb://",
         datadir=cfg.state_dir,
         topic_partitions=partitions,
-        topic_replication_factor=cfg.replication_factor,
+        topic_replication_factor=replicas,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=cfg.commit_interval,
         broker_session_timeout=cfg.session_timeout,
@@ -86,14 +99,19 @@ def _tune_consumer(app: faust.App, fetch_max_wait_ms: int) -> None:
         pass
 
 
-def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | None = None) -> faust.App:
-    if partitions is None:
-        partitions = ensure_topics(cfg)
+def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | None = None,
+              brokers: int | None = None) -> faust.App:
+    """The worker's Faust app; `partitions` and `brokers` (counts) are read from the
+    cluster when not given."""
     bundle = bundle or load_bundle(cfg.model, providers=cfg.providers, intra_op_threads=cfg.intra_op_threads)
+    if partitions is None or brokers is None:
+        md = AdminClient(cfg.librdkafka()).list_topics(timeout=30)
+        partitions, brokers = ensure_topics(cfg, md), len(md.brokers)
     engine = Engine(bundle, EngineConfig(emit=cfg.emit, encoding=cfg.encoding, state_dtype=cfg.state_dtype))
     metrics = Metrics()
-    app = _faust_app(cfg, partitions)
+    app = _faust_app(cfg, partitions, changelog_replicas(cfg, brokers))
     faust_internals.check(app.consumer)
+    faust_internals.read_committed(app.consumer)
 
     in_topic = app.topic(cfg.in_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                          value_serializer="raw", partitions=partitions)
@@ -104,16 +122,20 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
                  "max_write_buffer_number": 2},
     )
 
-    async def filled(partition: int, start: int, end: int) -> None:
+    async def passed(partition: int, start: int, end: int) -> None:
         # Faust never saw these offsets: count them as done so its commits pass them.
-        metrics.gap_filled.inc(end - start)
         await faust_internals.add_gap(app.consumer, TP(cfg.in_topic, partition), start, end - 1)
+
+    async def filled(partition: int, start: int, end: int) -> None:
+        metrics.gap_filled.inc(end - start)
+        await passed(partition, start, end)
 
     feed = BatchFeed(app, cfg.in_topic, cfg.max_batch, cfg.max_wait)
     feed.install(app.consumer)
     pipeline = Pipeline(app, cfg, engine, TableStore(table, cfg.librdkafka()),
                         Sink(cfg.librdkafka(), cfg.out_topic, cfg.dlq_topic),
-                        Continuity(cfg.librdkafka(), cfg.in_topic, cfg.group, on_filled=filled), feed, metrics)
+                        Continuity(cfg.librdkafka(), cfg.in_topic, cfg.group, on_filled=filled, on_passed=passed),
+                        feed, metrics)
     views = Views(app, cfg, bundle, metrics, pipeline)
 
     @app.agent(in_topic, concurrency=1)
@@ -126,11 +148,13 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
     app.timer(interval=5.0)(pipeline.report_lag)
 
     @app.timer(interval=30.0)
+    @fail_stopping
     async def count_users() -> None:
         if not app.rebalancing:
             metrics.users_in_state.set(len(table.data))
 
     @app.task
+    @fail_stopping
     async def on_started() -> None:
         # Everything built so far (modules, the ORT session, Faust's services) lives as
         # long as the worker: keep it out of the collector's full passes, which would

@@ -9,11 +9,16 @@ resolved configuration is logged at start-up. SIGTERM / Ctrl-C stop it cleanly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from clickvec.stream.worker import config as config_mod
+
+from clickvec.errors import ClickvecError
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +44,24 @@ def main(argv: list[str]) -> int:
     p.add_argument("--loglevel", default="info")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="json: one JSON object per line (structured logs)")
+    p.add_argument("--debug", action="store_true",
+                   help="librdkafka's own log during the start-up connection check")
     args = p.parse_args(argv)
-    cfg = config_mod.resolve(args)
-    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    held: list[logging.LogRecord] = []
+    try:
+        with _holding_logs(held, not args.debug):
+            cfg, bundle, partitions, brokers = _prepare(args)
+    except (ClickvecError, ValueError, OSError) as e:
+        # A user's mistake (model path, brokers, credentials, CA file, topic): one line.
+        print(f"clickvec stream: {e}", file=sys.stderr)
+        return 2
+    for record in held:  # the checks passed: their log, as it would have been
+        logging.getLogger(record.name).handle(record)
 
     import faust
     from clickvec.stream.worker.app import build_app
 
-    app = build_app(cfg)
+    app = build_app(cfg, bundle, partitions, brokers)
     extra = {}
     if args.log_format == "json":
         from clickvec.logsetup import logging_config
@@ -55,3 +70,42 @@ def main(argv: list[str]) -> int:
     worker = worker_class(faust)(app, loglevel=args.loglevel, quiet=True, redirect_stdouts=False, **extra)
     worker.execute_from_commandline()
     return 0
+
+
+@contextlib.contextmanager
+def _holding_logs(held: list[logging.LogRecord], hold: bool) -> Iterator[None]:
+    """While the start-up checks run, the root logger's records go to `held` instead of
+    its handlers: when a check fails, its one line is all that is printed."""
+    root = logging.getLogger()
+    if not hold:
+        yield
+        return
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    saved = root.handlers[:]
+    root.handlers = [Hold()]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+
+
+def _prepare(args: argparse.Namespace) -> tuple[config_mod.StreamConfig, Any, int, int]:
+    """What the worker checks before any Faust client connects, in this order: the
+    settings, the model bundle (no connection is made for a bad path), the brokers
+    (reachable, credentials, TLS), the input topic. Returns the resolved settings, the
+    bundle, and the input topic's partition and the cluster's broker counts."""
+    from clickvec.stream.worker.app import ensure_topics
+    from clickvec.stream.worker.probe import cluster_metadata
+
+    from clickvec.bundle.reader import load_bundle
+
+    cfg = config_mod.resolve(args)
+    bundle = load_bundle(cfg.model, providers=cfg.providers, intra_op_threads=cfg.intra_op_threads)
+    md = cluster_metadata(cfg, debug=args.debug)
+    partitions = ensure_topics(cfg, md)
+    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    return cfg, bundle, partitions, len(md.brokers)

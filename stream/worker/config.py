@@ -44,7 +44,7 @@ class StreamConfig:
     # A worker that died (SIGKILL, or stopped on a fatal error) holds its partitions until
     # the group's session timeout; Faust's default is 60 s.
     session_timeout: float = 15.0
-    replication_factor: int = 1  # of the changelog topic
+    replication_factor: int = 0  # of the changelog topic; 0: min(3, brokers in the cluster)
     rocksdb_block_cache_mb: int = 64
     rocksdb_write_buffer_mb: int = 16
     # Standard Kafka client security (applied to every client the worker makes).

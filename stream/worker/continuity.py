@@ -22,14 +22,40 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from clickvec.stream.worker.engine import Record
-from confluent_kafka import OFFSET_INVALID, Consumer, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
 from clickvec.kafka import PARTITION_EOF
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Errors a request may fail with while a coordinator loads or moves, which librdkafka
+# does not always flag retriable; -185 and -195 are librdkafka's local "timed out" and
+# "transport failure" (confluent_kafka exposes them only as private names).
+RETRIABLE_CODES = frozenset({KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                             KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.REQUEST_TIMED_OUT, -185, -195})
+
+
+def retrying(call: Callable[[], T], what: str, timeout: float, first_wait: float = 0.1) -> T:
+    """`call()`, retried with exponential backoff while it fails with a retriable Kafka
+    error (a coordinator not yet loaded or moved, e.g. on a freshly started broker), for
+    at most `timeout` seconds; then, or on any other error, GapError."""
+    deadline = time.monotonic() + timeout
+    wait = first_wait
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            retriable = isinstance(err, KafkaError) and (err.retriable() or err.code() in RETRIABLE_CODES)
+            if not retriable or time.monotonic() + wait > deadline:
+                raise GapError(f"{what}: {exc}") from None
+            log.info("%s: %s; retrying in %.1fs", what, err, wait)
+        time.sleep(wait)
+        wait = min(wait * 2, 2.0)
 
 
 class GapError(RuntimeError):
@@ -37,18 +63,29 @@ class GapError(RuntimeError):
     stops without acking the batch, so the events come back after a restart."""
 
 
-def find_holes(records: Sequence[Record], expected: dict[int, int]) -> list[tuple[int, int, int]]:
+def find_holes(records: Sequence[Record], expected: dict[int, int],
+               skips: dict[tuple[int, int], int] | None = None,
+               passed: list[tuple[int, int, int]] | None = None) -> list[tuple[int, int, int]]:
     """Holes in `records` given the next expected offset per partition.
 
     Returns (index, partition, start) for each record at `index` whose offset is beyond
     the expected one: offsets [start, records[index].offset) are missing before it.
     Updates `expected` past every record; partitions missing from it are not checked
-    (the first record of an unknown partition sets its expectation)."""
+    (the first record of an unknown partition sets its expectation).
+
+    A gap the consumer skipped over right after the record this worker applied last
+    (`skips` gives the record before it, see feed.Batch) holds nothing a read_committed
+    reader sees (transaction markers, aborted records): no hole; it is appended to
+    `passed` as (partition, start, end)."""
     holes: list[tuple[int, int, int]] = []
     for i, rec in enumerate(records):
         want = expected.get(rec.partition)
         if want is not None and rec.offset > want:
-            holes.append((i, rec.partition, want))
+            if skips is not None and skips.get((rec.partition, rec.offset)) == want - 1:
+                if passed is not None:
+                    passed.append((rec.partition, want, rec.offset))
+            else:
+                holes.append((i, rec.partition, want))
         if want is None or rec.offset >= want:
             expected[rec.partition] = rec.offset + 1
     return holes
@@ -58,20 +95,31 @@ class Continuity:
     """Fills the holes of each batch from the brokers (see the module docstring).
 
     `on_filled(partition, start, end)` is told about each filled range [start, end), so
-    the consumer can count those offsets as done when it commits."""
+    the consumer can count those offsets as done when it commits; `on_passed` likewise
+    about each gap that holds nothing readable (`find_holes`).
+
+    One read-back at a time: `complete` and `tail` share the consumer and the expected
+    offsets, and each holds `lock` throughout (a sweep's expectations overwritten by a
+    batch's read-back during an await gave false holes and dead letters twice)."""
 
     def __init__(self, conf: dict[str, Any], topic: str, group: str,
                  on_filled: Callable[[int, int, int], Awaitable[None]] | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0,
+                 on_passed: Callable[[int, int, int], Awaitable[None]] | None = None) -> None:
         self.topic = topic
         self.timeout = timeout
         self.on_filled = on_filled
+        self.on_passed = on_passed
         self.expected: dict[int, int] = {}
         self.generation: int | None = None
         self.filled = 0  # records read back into batches, in total
+        self.passed = 0  # offsets skipped over with nothing readable, in total
+        self.lock = asyncio.Lock()
+        # read_committed, as the worker's own consumer: an aborted transaction's records
+        # are never applied.
         self._conf = {**conf, "group.id": group, "enable.auto.commit": False,
                       "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
-                      "enable.partition.eof": True}
+                      "enable.partition.eof": True, "isolation.level": "read_committed"}
         self._consumer: Consumer | None = None
 
     def _client(self) -> Consumer:
@@ -83,9 +131,16 @@ class Continuity:
         """The group's committed offset of each partition (the low watermark if none)."""
         c = self._client()
         out: dict[int, int] = {}
-        for tp in c.committed([TopicPartition(self.topic, p) for p in partitions], timeout=self.timeout):
-            if tp.error is not None:
-                raise GapError(f"committed offset of {self.topic}[{tp.partition}]: {tp.error}")
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+
+        def committed() -> list[TopicPartition]:
+            got = c.committed(tps, timeout=self.timeout)
+            for tp in got:
+                if tp.error is not None:
+                    raise KafkaException(tp.error)
+            return got
+
+        for tp in retrying(committed, f"committed offsets of {self.topic}", self.timeout):
             off = tp.offset
             if off == OFFSET_INVALID or off < 0:
                 off = c.get_watermark_offsets(TopicPartition(self.topic, tp.partition), timeout=self.timeout)[0]
@@ -107,7 +162,9 @@ class Continuity:
                 if time.monotonic() > deadline:
                     raise GapError(f"{self.topic}[{partition}] offsets {start}..{end - 1}: read "
                                    f"{len(got)} records in {self.timeout}s")
-                for m in c.consume(num_messages=1000, timeout=0.5):
+                # Short polls: a range holding nothing readable (an aborted transaction)
+                # returns no message, only a position past it.
+                for m in c.consume(num_messages=1000, timeout=0.1):
                     if m.partition() != partition:  # left over from an earlier read
                         continue
                     if m.error() is not None:
@@ -122,15 +179,26 @@ class Continuity:
             c.unassign()
         return got
 
-    async def complete(self, records: list[Record], generation: int) -> list[Record]:
+    async def complete(self, records: list[Record], generation: int,
+                       skips: dict[tuple[int, int], int] | None = None) -> list[Record]:
         """`records` with every hole filled in, in offset order per partition."""
+        async with self.lock:
+            return await self._complete(records, generation, skips)
+
+    async def _complete(self, records: list[Record], generation: int,
+                        skips: dict[tuple[int, int], int] | None) -> list[Record]:
         loop = asyncio.get_running_loop()
         first: dict[int, int] = {}
         for r in records:
             if r.offset < first.get(r.partition, r.offset + 1):
                 first[r.partition] = r.offset
         await self._expect(first, generation)
-        holes = find_holes(records, self.expected)
+        passed: list[tuple[int, int, int]] = []
+        holes = find_holes(records, self.expected, skips, passed)
+        for partition, start, end in passed:
+            self.passed += end - start
+            if self.on_passed is not None:
+                await self.on_passed(partition, start, end)
         if not holes:
             return records
         out: list[Record] = []
@@ -162,9 +230,15 @@ class Continuity:
                 self.expected[p] = min(starts[p], first[p])
 
     async def tail(self, positions: dict[int, int], generation: int) -> list[Record]:
-        """Records below the consumer's `positions` that were never applied: a hole at
-        the end of a partition, which no later record reveals. Call only while no batch
-        is pending anywhere (the caller checks that the worker has been idle)."""
+        """Records below `positions` that were never applied: a hole at the end of a
+        partition, which no later record reveals. Call only while no batch is pending
+        anywhere (the caller checks that the worker has been idle), with positions no
+        further than the records the consumer returned (feed.BatchFeed.fetched_to):
+        past them, a read_committed consumer skipped only what no reader sees."""
+        async with self.lock:
+            return await self._tail(positions, generation)
+
+    async def _tail(self, positions: dict[int, int], generation: int) -> list[Record]:
         await self._expect(positions, generation)
         out: list[Record] = []
         for partition, pos in sorted(positions.items()):

@@ -20,6 +20,7 @@ from clickvec.stream.worker.state import StateError, UserState, model_id_prefix
 
 from clickvec.contract.events import ClickEvent, EventError, parse_event
 from clickvec.contract.messages import (
+    DEAD_LETTER_MAX_KEY_BYTES,
     DeadLetter,
     VectorMessage,
     vector_json,
@@ -160,7 +161,9 @@ class Engine:
     def _dead(rec: Record, reason: str, detail: str, result: BatchResult) -> None:
         log.warning("dead-lettered %s[%d] offset=%d: %s: %s", rec.topic, rec.partition, rec.offset, reason, detail)
         dl = DeadLetter(reason, detail, rec.topic, rec.partition, rec.offset, rec.key, rec.value)
-        result.dead.append((rec.key, dl.to_bytes(), reason))
+        # The message key is capped as the letter is (DEAD_LETTER_MAX_BYTES says why).
+        key = rec.key[:DEAD_LETTER_MAX_KEY_BYTES] if rec.key is not None else None
+        result.dead.append((key, dl.to_bytes(), reason))
 
     # ------------------------------------------------------------------ the batch
     def process(self, records: Sequence[Record], store: StateStore) -> BatchResult:

@@ -55,14 +55,16 @@ def _assigned_in_init(cls: type, name: str) -> bool:
 
 def missing_internals(consumer: Any, store_class: type = RocksDBStore,
                       fetch_classes: Iterable[tuple[type, str]] = ((AIOKafkaConsumer, "_fetcher"),
+                                                                   (AIOKafkaConsumer, "_isolation_level"),
                                                                    (AIOKafkaFetcher, "_fetch_max_wait_ms"))
                       ) -> list[str]:
     """The private attributes this module uses that the installed Faust / aiokafka lack,
     as "Class.attribute"; `consumer` is the app's (built, not yet started) consumer."""
     gaps = [f"{type(consumer).__name__}.{name}" for name in CONSUMER_ATTRIBUTES if not hasattr(consumer, name)]
     thread = getattr(consumer, "_thread", None)
-    if thread is not None and not hasattr(thread, "_ensure_consumer"):
-        gaps.append(f"{type(thread).__name__}._ensure_consumer")
+    for name in ("_ensure_consumer", "_create_consumer"):
+        if thread is not None and not hasattr(thread, name):
+            gaps.append(f"{type(thread).__name__}.{name}")
     gaps += [f"{cls.__name__}.{name}" for cls, name in fetch_classes if not _assigned_in_init(cls, name)]
     if not hasattr(store_class, "_db_for_partition"):
         gaps.append(f"{store_class.__name__}._db_for_partition")
@@ -87,61 +89,117 @@ def replace_drain(consumer: Any, drain: Callable[[Any], Awaitable[None]]) -> Non
     consumer._drain_messages = drain
 
 
+class FetchChain:
+    """Per input partition, the offset of the last record the consumer returned and
+    the drain handed on, while nothing was dropped since (same generation).
+
+    Between two records the consumer returns one after the other, a read_committed
+    consumer skips only what no reader can see (transaction markers, aborted records,
+    compacted offsets): such an offset gap is no hole. `link` gives, for each record
+    that follows a gap, the offset of the record before it in the chain."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, int] = {}
+        self.generation: int | None = None
+
+    def link(self, generation: int, partition: int, offsets: Iterable[int], skips: dict[tuple[int, int], int]) -> None:
+        if generation != self.generation:
+            self.last.clear()
+            self.generation = generation
+        prev = self.last.get(partition)
+        for off in offsets:
+            if prev is not None and off > prev + 1:
+                skips[(partition, off)] = prev
+            prev = off
+        if prev is not None:
+            self.last[partition] = prev
+
+    def broken(self) -> None:
+        """Records were dropped: no later record links to an earlier one."""
+        self.last.clear()
+
+
 async def drain_batches(app: Any, consumer: Any, fetcher: Any, topic: str,
-                        put: Callable[[int, list[Record]], Awaitable[None]]) -> None:
+                        put: Callable[[int, list[Record], dict[tuple[int, int], int]], Awaitable[None]],
+                        fetched: Callable[[dict[int, int]], None], handed: Callable[[], None]) -> None:
     """Faust's `Consumer._drain_messages`, with the records of `topic` handed to
-    `put(generation, records)` as one list per fetch; other topics' records (table
-    changelogs during recovery) take Faust's own path, message by message."""
+    `put(generation, records, skips)` as one list per fetch (`skips`: `FetchChain`);
+    other topics' records (table changelogs during recovery) take Faust's own path,
+    message by message.
+
+    `fetched(ends)` is called as soon as a fetch returns, before any await (`ends`: per
+    input partition, one past the last offset returned), and `handed()` once its records
+    are queued or dropped: the tail-hole sweep reads back only offsets fetched and no
+    longer in hand (a fetch in hand arrives by itself)."""
+    chain = FetchChain()
+    while not (consumer._stopped.is_set() or fetcher._stopped.is_set()):
+        records, active = await consumer._wait_next_records(1.0)
+        ends = {tp.partition: recs[-1].offset + 1 for tp, recs in (records or {}).items()
+                if tp.topic == topic and recs}
+        fetched(ends)
+        try:
+            await _drain_one(app, consumer, topic, records, active, chain, put)
+        finally:
+            handed()
+
+
+async def _drain_one(app: Any, consumer: Any, topic: str, records: Any, active: Any, chain: FetchChain,
+                     put: Callable[[int, list[Record], dict[tuple[int, int], int]], Awaitable[None]]) -> None:
+    """One fetch of `drain_batches`."""
     callback = consumer.callback
-    consumer_stopped = consumer._stopped.is_set
-    fetcher_stopped = fetcher._stopped.is_set
     read_offset = consumer._read_offset
     to_message = consumer._to_message
     commit_every = consumer._commit_every
-    while not (consumer_stopped() or fetcher_stopped()):
-        records, active = await consumer._wait_next_records(1.0)
-        generation = app.consumer_generation_id
-        await asyncio.sleep(0)
-        if not records or consumer.should_stop:
+    generation = app.consumer_generation_id
+    await asyncio.sleep(0)
+    if not records or consumer.should_stop:
+        return
+    if not consumer.flow_active:
+        # As Faust's `getmany`: what was fetched while flow stopped is dropped
+        # and the partitions go back to their committed offsets.
+        chain.broken()
+        try:
+            await consumer.perform_seek()
+        except Exception as exc:  # noqa: BLE001 - Faust logs and goes on too
+            log.warning("seek to committed offsets while flow stopped: %s", exc)
+        return
+    buffered = consumer._buffered_partitions
+    batch: list[Record] = []
+    skips: dict[tuple[int, int], int] = {}
+    others: list[tuple[TP, list[Any]]] = []
+    for tp, recs in records.items():
+        if active is not None and tp not in active and tp not in buffered:
+            if tp.topic == topic:
+                chain.broken()
             continue
-        if not consumer.flow_active:
-            # As Faust's `getmany`: what was fetched while flow stopped is dropped
-            # and the partitions go back to their committed offsets.
-            try:
-                await consumer.perform_seek()
-            except Exception as exc:  # noqa: BLE001 - Faust logs and goes on too
-                log.warning("seek to committed offsets while flow stopped: %s", exc)
+        if tp.topic != topic:
+            others.append((tp, recs))
             continue
-        buffered = consumer._buffered_partitions
-        batch: list[Record] = []
-        others: list[tuple[TP, list[Any]]] = []
-        for tp, recs in records.items():
-            if active is not None and tp not in active and tp not in buffered:
-                continue
-            if tp.topic != topic:
-                others.append((tp, recs))
-                continue
-            partition = tp.partition
-            floor = read_offset[tp]
-            for r in recs:
-                if floor is None or r.offset >= floor:
-                    batch.append(Record(r.key, r.value, topic, partition, r.offset))
-            if recs:
-                read_offset[tp] = recs[-1].offset
-        for tp, recs in others:
-            for r in recs:
-                if not consumer.flow_active or app.consumer_generation_id != generation:
-                    break
-                await consumer.wait_first(callback(to_message(tp, r)), consumer.suspend_flow.wait())
-                read_offset[tp] = r.offset
-        if commit_every is not None and consumer._n_acked >= commit_every:
-            consumer._n_acked = 0
-            await consumer.commit()
-        if not batch:
-            continue
-        if app.consumer_generation_id != generation or not consumer.flow_active:
-            continue  # dropped, as Faust drops messages of an earlier generation
-        await consumer.wait_first(put(generation, batch), consumer.suspend_flow.wait())
+        partition = tp.partition
+        floor = read_offset[tp]
+        kept = [r for r in recs if floor is None or r.offset >= floor]
+        batch.extend(Record(r.key, r.value, topic, partition, r.offset) for r in kept)
+        chain.link(generation, partition, (r.offset for r in kept), skips)
+        if recs:
+            read_offset[tp] = recs[-1].offset
+    for tp, recs in others:
+        for r in recs:
+            if not consumer.flow_active or app.consumer_generation_id != generation:
+                break
+            await consumer.wait_first(callback(to_message(tp, r)), consumer.suspend_flow.wait())
+            read_offset[tp] = r.offset
+    if commit_every is not None and consumer._n_acked >= commit_every:
+        consumer._n_acked = 0
+        await consumer.commit()
+    if not batch:
+        return
+    if app.consumer_generation_id != generation or not consumer.flow_active:
+        chain.broken()
+        return  # dropped, as Faust drops messages of an earlier generation
+    queued = put(generation, batch, skips)
+    waited = await consumer.wait_first(queued, consumer.suspend_flow.wait())
+    if queued not in waited.done:  # flow suspended first: the put was cancelled, the records dropped
+        chain.broken()
 
 
 # -- offset bookkeeping (feed.py) ----------------------------------------------------------
@@ -191,3 +249,20 @@ def db_for_partition(table: Any, partition: int) -> Any:
 def set_fetch_max_wait(consumer: Any, fetch_max_wait_ms: int) -> None:
     """The running aiokafka consumer's fetch max wait (Faust fixes it at 1500 ms)."""
     consumer._thread._ensure_consumer()._fetcher._fetch_max_wait_ms = fetch_max_wait_ms
+
+
+def read_committed(consumer: Any) -> None:
+    """Make the aiokafka consumer Faust builds read with isolation level read_committed.
+
+    Faust reads read_committed only in its exactly-once mode; with read_uncommitted, the
+    records of an upstream's aborted transactions would be applied. Set before the
+    consumer starts (its fetcher takes the level at start)."""
+    thread = consumer._thread
+    create = thread._create_consumer
+
+    def create_read_committed(loop: Any) -> Any:
+        client = create(loop=loop)
+        client._isolation_level = "read_committed"
+        return client
+
+    thread._create_consumer = create_read_committed

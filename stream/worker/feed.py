@@ -51,10 +51,15 @@ class BatchToken:
 
 
 class Batch:
-    __slots__ = ("records", "token")
+    """Records to apply; `skips` maps (partition, offset) of a record that follows an
+    offset gap the consumer skipped over (nothing readable there) to the offset of the
+    record before it (faust_internals.FetchChain)."""
 
-    def __init__(self, records: list[Record]) -> None:
+    __slots__ = ("records", "skips", "token")
+
+    def __init__(self, records: list[Record], skips: dict[tuple[int, int], int] | None = None) -> None:
         self.records = records
+        self.skips = skips if skips is not None else {}
         self.token: BatchToken | None = None
 
 
@@ -70,8 +75,12 @@ class BatchFeed:
         self.topic = topic
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait)
-        self._fetches: asyncio.Queue[tuple[int, list[Record]]] = asyncio.Queue(maxsize=queued_fetches)
+        self._fetches: asyncio.Queue[tuple[int, list[Record], dict[tuple[int, int], int]]] = \
+            asyncio.Queue(maxsize=queued_fetches)
         self._tps: dict[int, TP] = {}
+        self._in_hand = 0  # fetches returned by the consumer, not yet queued or dropped
+        self._holding = False  # `batches` holds records: taken from the queue, not yet applied
+        self.fetched_to: dict[int, int] = {}  # per partition, one past the last offset fetched
 
     # -- the consumer side -------------------------------------------------------------
 
@@ -79,15 +88,28 @@ class BatchFeed:
         """Replace the consumer's drain loop: records of the input topic are queued here."""
 
         async def drain(fetcher: Any) -> None:
-            await faust_internals.drain_batches(self.app, consumer, fetcher, self.topic, self._put)
+            await faust_internals.drain_batches(self.app, consumer, fetcher, self.topic, self._put,
+                                                self._fetched, self._handed)
 
         faust_internals.replace_drain(consumer, drain)
 
-    def _put(self, generation: int, records: list[Record]) -> Awaitable[None]:
-        return self._fetches.put((generation, records))
+    def _put(self, generation: int, records: list[Record], skips: dict[tuple[int, int], int]) -> Awaitable[None]:
+        return self._fetches.put((generation, records, skips))
+
+    def _fetched(self, ends: dict[int, int]) -> None:
+        self._in_hand += 1
+        fetched_to = self.fetched_to
+        for partition, end in ends.items():
+            if end > fetched_to.get(partition, -1):
+                fetched_to[partition] = end
+
+    def _handed(self) -> None:
+        self._in_hand -= 1
 
     def idle(self) -> bool:
-        return self._fetches.empty()
+        """No record on its way to the agent: none returned by the consumer and not yet
+        queued, none queued, none taken from the queue and not yet applied."""
+        return self._fetches.empty() and self._in_hand == 0 and not self._holding
 
     # -- the agent side ----------------------------------------------------------------
 
@@ -96,11 +118,16 @@ class BatchFeed:
         fetches = self._fetches
         left: list[Record] = []
         left_generation = -1
+        skips: dict[tuple[int, int], int] = {}
         while True:
+            # The agent resumes this generator once it applied the batch yielded last.
+            self._holding = bool(left)
             if left:
                 generation, records, left = left_generation, left, []
             else:
-                generation, records = await fetches.get()
+                generation, records, skips = await fetches.get()
+                self._holding = True
+                skips = dict(skips)
             deadline = loop.time() + self.max_wait
             while len(records) < self.max_batch:
                 if fetches.empty():
@@ -108,21 +135,22 @@ class BatchFeed:
                     if remaining <= 0:
                         break
                     try:
-                        more_generation, more = await asyncio.wait_for(fetches.get(), remaining)
+                        more_generation, more, more_skips = await asyncio.wait_for(fetches.get(), remaining)
                     except TimeoutError:
                         break
                 else:
-                    more_generation, more = fetches.get_nowait()
+                    more_generation, more, more_skips = fetches.get_nowait()
                 if more_generation != generation:  # the earlier ones are stale
-                    generation, records = more_generation, more
+                    generation, records, skips = more_generation, more, dict(more_skips)
                 else:
                     records.extend(more)
+                    skips.update(more_skips)
             if len(records) > self.max_batch:
                 left, left_generation = records[self.max_batch:], generation
                 del records[self.max_batch:]
             if generation != self.app.consumer_generation_id or not self.app.consumer.flow_active:
                 continue
-            yield Batch(records)
+            yield Batch(records, skips)
 
     def track(self, batch: Batch) -> None:
         """Count the batch as in flight: a rebalance or a stop waits until it is acked."""

@@ -14,6 +14,7 @@ Any error in either stage ends the process (`fail_stop`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -52,6 +53,23 @@ def fail_stop(exc: BaseException) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(70)
+
+
+def fail_stopping(fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    """`fn` (a Faust timer or task) with any error ending the process (`fail_stop`):
+    an exception raised in a timer bypasses it (the timer dies, or Faust stops the app
+    gracefully and acks what was in flight)."""
+
+    @functools.wraps(fn)
+    async def run() -> None:
+        try:
+            await fn()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            fail_stop(exc)
+
+    return run
 
 
 @dataclass(slots=True)
@@ -114,17 +132,22 @@ class Pipeline:
     async def apply(self, batch: Batch | None, records: list[Record], t0: float) -> None:
         """Fill the holes, process, send the outputs, and queue the batch for `commit`."""
         async with self.applying:
-            records = await self.continuity.complete(records, self.app.consumer_generation_id)
-            result = self.engine.process(records, self.pending)
-            self.batches += 1
-            self.pending.hold(result, self.batches)
-            delivered = self.sink.send(result.outputs, result.dead, asyncio.get_running_loop())
-            # The store loop never stops with an error (it ends the process), so waiting
-            # on it cannot hang.
-            await self.inflight.put(InFlight(self.batches, batch, records, result, delivered, t0))
-            if self.cfg.pipeline_depth == 0:  # one batch at a time
-                await self.inflight.join()
-            self.last_batch = time.monotonic()
+            await self._apply_held(batch, records, t0)
+
+    async def _apply_held(self, batch: Batch | None, records: list[Record], t0: float) -> None:
+        """`apply`, with `applying` held by the caller."""
+        skips = batch.skips if batch is not None else None
+        records = await self.continuity.complete(records, self.app.consumer_generation_id, skips)
+        result = self.engine.process(records, self.pending)
+        self.batches += 1
+        self.pending.hold(result, self.batches)
+        delivered = self.sink.send(result.outputs, result.dead, asyncio.get_running_loop())
+        # The store loop never stops with an error (it ends the process), so waiting
+        # on it cannot hang.
+        await self.inflight.put(InFlight(self.batches, batch, records, result, delivered, t0))
+        if self.cfg.pipeline_depth == 0:  # one batch at a time
+            await self.inflight.join()
+        self.last_batch = time.monotonic()
 
     # -- the store loop ------------------------------------------------------------------
 
@@ -195,21 +218,50 @@ class Pipeline:
                 positions[tp] = pos
         return positions
 
-    async def sweep_tail_holes(self) -> None:
-        """Records Faust dropped at the end of a partition (nothing after them arrives to
-        reveal the hole): when the agent has been idle for a while and the consumer's
-        position is past the next offset to apply, read the rest back and apply it."""
+    def _idle(self) -> bool:
         storer = self.storer
-        if (storer is None or storer.done() or self.app.rebalancing or self.applying.locked()
-                or not self.feed.idle() or time.monotonic() - self.last_batch < IDLE_BEFORE_SWEEP_S):
-            return
-        positions = {tp.partition: pos for tp, pos in (await self._positions()).items()}
-        records = await self.continuity.tail(positions, self.app.consumer_generation_id)
-        if records:
-            await self.apply(None, records, time.perf_counter())
+        return (storer is not None and not storer.done() and not self.app.rebalancing and self.feed.idle()
+                and time.monotonic() - self.last_batch >= IDLE_BEFORE_SWEEP_S)
+
+    async def sweep_tail_holes(self) -> None:
+        """Records fetched and then dropped at the end of a partition (nothing after them
+        arrives to reveal the hole): when the agent has been idle for a while and the
+        records the consumer returned reach past the next offset to apply, read the rest
+        back and apply it.
+
+        The sweep holds `applying` throughout, so no batch is applied meanwhile, and
+        reads back only up to what the consumer returned and the feed no longer holds
+        (`BatchFeed.fetched_to`, `idle`): records still on their way are not read twice.
+        An error ends the process (`on_fatal`), as in the agent: raised in a timer, it
+        would bypass fail-stop."""
+        try:
+            if self.applying.locked() or not self._idle():
+                return
+            async with self.applying:
+                positions = await self._positions()
+                if not self._idle():  # a fetch came in while the positions were read
+                    return
+                fetched = self.feed.fetched_to
+                ends = {tp.partition: min(pos, fetched[tp.partition])
+                        for tp, pos in positions.items() if tp.partition in fetched}
+                records = await self.continuity.tail(ends, self.app.consumer_generation_id)
+                if records:
+                    await self._apply_held(None, records, time.perf_counter())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.on_fatal(exc)
 
     async def report_lag(self) -> None:
         """Messages behind the high watermark, per assigned input partition."""
+        try:
+            await self._report_lag()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.on_fatal(exc)
+
+    async def _report_lag(self) -> None:
         consumer = self.app.consumer
         for tp, pos in (await self._positions()).items():
             try:

@@ -4,6 +4,8 @@ Kafka changelog for recovery."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,6 +17,8 @@ from faust.types import TP
 from rocksdict import WriteBatch
 
 from clickvec.kafka import produce_waiting
+
+log = logging.getLogger(__name__)
 
 TABLE_NAME = "user-state"
 
@@ -80,11 +84,23 @@ class TableStore(StateStore):
         for partition, wb in batches.items():
             self._db(partition).write(wb)
 
-    async def flush(self, timeout: float = 30.0) -> None:
+    async def flush(self, timeout: float = 120.0, warn_every: float = 30.0) -> None:
         """Wait until every changelog record written so far is acknowledged, then record
-        the changelog offsets RocksDB holds (recovery resumes after them)."""
+        the changelog offsets RocksDB holds (recovery resumes after them).
+
+        librdkafka retries retriable errors (a leader moving, a broker restarting) by
+        itself; records still unacknowledged are waited for up to `timeout` seconds, with
+        a warning every `warn_every`, before DeliveryError ends the worker. A delivery
+        error librdkafka reports is final: it ends the worker at once."""
         loop = asyncio.get_running_loop()
-        remaining = await loop.run_in_executor(None, self.producer.flush, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = max(0.0, min(warn_every, deadline - time.monotonic()))
+            remaining = await loop.run_in_executor(None, self.producer.flush, wait)
+            if not remaining or self._errors or time.monotonic() >= deadline:
+                break
+            log.warning("changelog %s: %d records not yet acknowledged; waiting up to %.0fs more", self.topic,
+                        remaining, deadline - time.monotonic())
         if remaining or self._errors:
             errs, self._errors = self._errors, []
             raise DeliveryError(f"changelog {self.topic}: {remaining} records not delivered within {timeout}s, "
