@@ -217,13 +217,25 @@ def lr_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return warm * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps))))
 
 
-def train_epoch(run: Run, epoch: int, deadline: float) -> tuple[float, bool]:
+def horizon(run: Run, planned: int, deadline: float, started: tuple[float, int]) -> int:
+    """Steps the cosine schedule anneals over: the planned ones, or fewer where the
+    wall-clock budget (at the step rate seen so far, validation included) will stop the
+    run first, so a capped run still ends on a low learning rate rather than mid-plateau.
+    Single process only: under DDP every rank must apply the same learning rate."""
+    t0, step0 = started
+    done, now = run.loop.step - step0, time.perf_counter()
+    if not math.isfinite(deadline) or run.world > 1 or done < 20:
+        return planned
+    return max(1, min(planned, run.loop.step + int((deadline - now) * done / max(now - t0, 1e-9))))
+
+
+def train_epoch(run: Run, epoch: int, deadline: float, started: tuple[float, int]) -> tuple[float, bool]:
     """One pass over the training users; (mean loss per sequence, stopped by the deadline)."""
     cfg, loop, enc = run.cfg, run.loop, run.encoder
     enc.train()
     rng = np.random.default_rng([cfg.seed, epoch])
     batches = list(bucket_batches(run.split.train, cfg.batch_size, cfg.max_len, rng, run.rank, run.world))
-    total_steps = max(1, cfg.epochs * len(batches))
+    planned = max(1, cfg.epochs * len(batches))
     bar = tqdm(batches, desc=f"epoch {epoch}", disable=not cfg.progress or run.rank != 0, leave=False,
                dynamic_ncols=True)
     loss_sum = torch.zeros(2, dtype=torch.float64)
@@ -232,7 +244,7 @@ def train_epoch(run: Run, epoch: int, deadline: float) -> tuple[float, bool]:
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.device.type == "cuda"):
             loss, parts = run.objective(*_to(batch, run.device))
         for g in run.opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(cfg, loop.step, total_steps)
+            g["lr"] = cfg.lr * lr_factor(cfg, loop.step, horizon(run, planned, deadline, started))
         run.opt.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
@@ -302,8 +314,9 @@ def train(cfg: TrainConfig, source: Any = None) -> dict[str, Any]:
     eval_kw = {"device": run.device, "k": cfg.eval_k, "num_negatives": cfg.num_eval_negatives,
                "seed": cfg.eval_seed, "batch_size": cfg.eval_batch_size}
     deadline = time.perf_counter() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+    started = (time.perf_counter(), loop.step)
     for epoch in range(loop.start_epoch, cfg.epochs):
-        train_loss, timed_out = train_epoch(run, epoch, deadline)
+        train_loss, timed_out = train_epoch(run, epoch, deadline, started)
         patience_out = validate(run, epoch, train_loss, valid_baselines, eval_kw) if run.rank == 0 else False
         if timed_out or patience_out:
             loop.stop_reason = "time_cap" if timed_out else "early_stop"
