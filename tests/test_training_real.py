@@ -208,3 +208,14 @@ def test_demo_build_states_its_verdict(demo_run):
 def test_demo_build_beats_markov(demo_run):
     m = demo_run[0]
     assert m["beats_markov"], m["margins"]
+
+
+def test_bag_head_trains_and_reports_recall(tmp_path):
+    """The optional bag-of-items head: trained from z, it is what the compression view reads."""
+    tab = generate_table(SynthConfig(n_users=60, n_items=100, seed=3))
+    cfg = TrainConfig(data="in-memory", out=str(tmp_path / "bag"), epochs=1, hidden=16, z_dim=8, item_dim=8,
+                      batch_size=16, bag_head=True, bag_weight=0.5, loss="sampled", num_negatives=16,
+                      progress=False, num_threads=2)
+    r = train(cfg, tab)
+    assert r["compression"]["recall_head"] == "bag" and 0.0 <= r["compression"]["recall@10_last_10_distinct"] <= 1.0
+    assert r["history"][0]["train_loss"] > 0 and r["model"]["config"]["bag_head"] is True
