@@ -17,10 +17,12 @@ import pytest
 import torch
 from clickvec.training.baselines import Markov, Popularity
 from clickvec.training.config import TrainConfig
-from clickvec.training.data import bucket_batches, load_histories, make_split, pad_batch
+from clickvec.training.data import bucket_batches, make_split, pad_batch
 from clickvec.training.evaluate import _tie_metrics, evaluate, sample_negatives
 from clickvec.training.model import Encoder
-from clickvec.training.train import Objective, model_config, train
+from clickvec.training.objective import Objective
+from clickvec.training.readers import load_histories
+from clickvec.training.train import model_config, train
 
 from clickvec import eventfile
 from clickvec.devtools.synth import SynthConfig, generate_table
@@ -141,10 +143,11 @@ def test_baselines_and_evaluate_dict(tmp_path):
     for who in ("model", "popularity", "markov"):
         assert set(m1[who]["sampled"]) == {"hr@10", "ndcg@10"}
         assert set(m1[who]["full"]) == {"hr@10", "ndcg@10", "mrr"}
+        assert set(m1[who]["full_seen_excluded"]) == {"hr@10", "ndcg@10", "mrr"}
     assert {"time_mae_s", "time_rmse_s", "time_mae_log", "time_rmse_log", "type_acc"} <= set(m1["model"])
     comp = m1["compression"]
     assert comp["vector_bytes_f32"] == 8 * 4 and comp["mean_history_events"] > 0
-    assert "sampled_hr@10_vs_markov" in m1["margins"]
+    assert "sampled.hr@10_vs_markov" in m1["margins"]
 
 
 @pytest.mark.parametrize("loss,vae", [("full", False), ("sampled", True)])
@@ -171,7 +174,7 @@ def test_same_seed_same_metrics_and_resume(tmp_path):
     assert r1["test"] == r2["test"]
     assert [h["train_loss"] for h in r1["history"]] == [h["train_loss"] for h in r2["history"]]
     out = Path(tmp_path / "a" / "run")
-    for name in ("config.json", "vocab.json", "best.pt", "last.pt", "metrics.json", "report.md", "loss.png",
+    for name in ("config.json", "recipe.json", "vocab.json", "best.pt", "last.pt", "metrics.json", "report.md", "loss.png",
                  "metrics.png"):
         assert (out / name).exists(), name
     assert json.loads((out / "config.json").read_text())["seed"] == 0
@@ -203,7 +206,8 @@ ACCEPT_DATA = dict(n_users=3000, n_items=300, n_categories=10, seed=0)
 # Everything else (max_len, weight_decay, repeat_weight, model size) is TrainConfig's default.
 ACCEPT_TRAIN = dict(epochs=8, batch_size=32, lr=5e-3, patience=3)
 ACCEPT_METRICS = (("sampled", "hr@10"), ("sampled", "ndcg@10"), ("full", "hr@10"), ("full", "ndcg@10"),
-                  ("full", "mrr"))
+                  ("full", "mrr"), ("full_seen_excluded", "hr@10"), ("full_seen_excluded", "ndcg@10"),
+                  ("full_seen_excluded", "mrr"))
 
 
 @pytest.mark.slow
@@ -214,7 +218,7 @@ def test_lstm_beats_popularity_and_markov_on_both_protocols(tmp_path):
     t = r["test"]
     print(f"\nacceptance ({ACCEPT_DATA}, {ACCEPT_TRAIN}, {r['training_seconds']:.0f} s):")
     for who in ("model", "markov", "popularity"):
-        print(f"  {who:<10} sampled {t[who]['sampled']}  full {t[who]['full']}")
+        print(f"  {who:<10} " + "  ".join(f"{p} {t[who][p]}" for p in t["protocols"]))
     for base in ("markov", "popularity"):
         print(f"  model / {base}:", {f"{proto} {m}": round(t["model"][proto][m] / t[base][proto][m], 3)
                                      for proto, m in ACCEPT_METRICS})

@@ -1,8 +1,7 @@
-"""Training data: per-user time-ordered histories, splits, encoding and (T, B) batches.
+"""Training data: splits of per-user histories (`training.readers`), encoding and (T, B) batches.
 
-Histories come from a pyarrow table or an event file (through `clickvec.eventfile`) or
-the sequence format (user -> item list). Every event is encoded with the shared
-`FeatureSpec.encode_sequence`; nothing here re-implements feature encoding.
+Every event is encoded with the shared `FeatureSpec.encode_sequence`; nothing here
+re-implements feature encoding.
 """
 
 from __future__ import annotations
@@ -10,108 +9,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from clickvec.training.readers import SEQ_EVENT_TYPE, History
 
 from clickvec.contract.events import ClickEvent
 from clickvec.features import PAD, FeatureSpec
 
 log = logging.getLogger(__name__)
-
-# Sequence-format events carry no type or time: they become "view"s one minute apart.
-SEQ_EVENT_TYPE = "view"
-SEQ_T0_MS = 1_700_000_000_000
-SEQ_STEP_MS = 60_000
-
-
-@dataclass
-class History:
-    """One user's events in time order (raw ids, as in the source)."""
-
-    user_id: str
-    items: list[str]
-    types: list[str]
-    ts: np.ndarray  # int64 epoch ms, non-decreasing
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-# ------------------------------------------------------------------------- loading
-
-
-def histories_from_table(table: Any) -> dict[str, History]:
-    """pyarrow table with user_id, item_id, event_type, ts -> per-user histories.
-
-    Rows are stably sorted by (user, ts) so equal timestamps keep their file order.
-    """
-    cols = table.column_names
-    for c in ("user_id", "item_id", "ts"):
-        if c not in cols:
-            raise ValueError(f"event table lacks column {c!r}; it has {cols}")
-    users = np.asarray(table.column("user_id").cast("string").to_pylist(), dtype=object)
-    items = table.column("item_id").cast("string").to_pylist()
-    types = (
-        table.column("event_type").cast("string").to_pylist()
-        if "event_type" in cols
-        else [SEQ_EVENT_TYPE] * len(items)
-    )
-    ts = np.asarray(table.column("ts").cast("int64").to_numpy(zero_copy_only=False), dtype=np.int64)
-    # Group by user keeping each user's rows ordered by ts, ties in file order.
-    order = np.lexsort((np.arange(len(ts)), ts))
-    out: dict[str, History] = {}
-    for i in order:
-        u = users[i]
-        h = out.get(u)
-        if h is None:
-            h = out[u] = History(u, [], [], np.empty(0, dtype=np.int64))
-            h.ts = []  # type: ignore[assignment]  # filled as a list, frozen below
-        h.items.append(items[i])
-        h.types.append(types[i])
-        h.ts.append(int(ts[i]))  # type: ignore[attr-defined]
-    for h in out.values():
-        h.ts = np.asarray(h.ts, dtype=np.int64)
-    return out
-
-
-def histories_from_sequences(seqs: Mapping[str, Sequence[str]]) -> dict[str, History]:
-    """Sequence format (user -> time-ordered items) -> histories of one-minute-apart views."""
-    out: dict[str, History] = {}
-    for u, items in seqs.items():
-        n = len(items)
-        out[str(u)] = History(
-            str(u),
-            [str(i) for i in items],
-            [SEQ_EVENT_TYPE] * n,
-            SEQ_T0_MS + SEQ_STEP_MS * np.arange(n, dtype=np.int64),
-        )
-    return out
-
-
-def is_sequence_file(path: str | Path) -> bool:
-    """Anything that is not an event file by suffix (.parquet, .jsonl, .csv) is `user item` lines."""
-    from clickvec.eventfile import FORMATS
-
-    return Path(path).suffix.lower() not in FORMATS
-
-
-def load_histories(source: Any) -> dict[str, History]:
-    """A pyarrow table, a {user: items} mapping, a sequence file or an event file."""
-    if isinstance(source, Mapping):
-        return histories_from_sequences(source)
-    if hasattr(source, "column_names"):
-        return histories_from_table(source)
-    from clickvec import eventfile  # the shared reader of event and sequence files
-
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"no data at {path}: pass an event file or generate one (clickvec synth)")
-    if is_sequence_file(path):
-        return histories_from_sequences(eventfile.read_sequence_file(path))
-    return histories_from_table(eventfile.read_table(path))
-
 
 def synthetic_table(n_users: int, seed: int, n_items: int = 0) -> Any:
     """Synthetic events with planted structure (clickvec.synth)."""
@@ -250,10 +156,24 @@ def make_split(
             if p >= 2 and p < len(h):
                 test.append(_case(spec, h, enc, p))
     info = {"users": len(users), "train_users": len(train), "valid_users": len(valid), "test_users": len(test),
-            "train_events": int(sum(len(s) for s in train)), "n_items": spec.n_items}
+            "train_events": int(sum(len(s) for s in train)), "n_items": spec.n_items, **profile(train)}
     if kind == "time":
         info["cutoff_ts"] = cutoff
     return Split(spec, train, valid, test, kind, info)
+
+
+def profile(train: Sequence[np.ndarray]) -> dict[str, Any]:
+    """What the training split holds, for the recipe choice and the metrics that make sense:
+    the share of next events that repeat the current item, whether event types and time
+    gaps vary (a `user item` file has one type and evenly spaced events)."""
+    if not train:
+        return {"repeat_rate": 0.0, "has_types": False, "has_gaps": False, "mean_train_length": 0.0}
+    pairs = sum(len(s) - 1 for s in train)
+    repeats = sum(int((s[1:, 0] == s[:-1, 0]).sum()) for s in train)
+    types = np.unique(np.concatenate([s[:, 1] for s in train]))
+    gaps = np.unique(np.concatenate([s[1:, 2] for s in train]))
+    return {"repeat_rate": repeats / max(pairs, 1), "has_types": len(types) > 1, "has_gaps": len(gaps) > 1,
+            "mean_train_length": float(np.mean([len(s) for s in train]))}
 
 
 # ------------------------------------------------------------------------- batches

@@ -1,9 +1,12 @@
 """Evaluation: one function, one dict, model and baselines on the same cases and candidates.
 
-Protocols (see FACTS.md, "sequential-recommendation evaluation protocol"):
+Protocols (`config.PROTOCOLS`), each reported under its own key:
 - sampled: the true next item against `num_negatives` items drawn uniformly from the
-  catalogue, rejecting the user's input items (seeded: reruns draw the same candidates);
-- full: the true next item ranked against the whole catalogue (padding and OOV excluded).
+  catalogue, rejecting the user's input items and the target (seeded: reruns draw the
+  same candidates), as in SASRec;
+- full: the true next item ranked against the whole catalogue (padding and OOV excluded);
+- full_seen_excluded: the same, less the items in the user's input history (S3-Rec,
+  ICLRec). The target itself is always ranked, also when the user had seen it before.
 Ties are scored by their expectation under a random tie-break, so count-based baselines
 (whose scores tie often) are neither flattered nor punished by an arbitrary order.
 """
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from clickvec.training.baselines import Markov, Popularity, fit_baselines
+from clickvec.training.config import PROTOCOLS
 from clickvec.training.data import EvalCase, Split, pad_inputs
 from clickvec.training.model import Encoder
 
@@ -80,38 +84,118 @@ def _tie_metrics(greater: np.ndarray, ties: np.ndarray, k: int, hit_ok: np.ndarr
 
 
 class _Acc:
-    """Sums of per-case metrics for one scorer."""
+    """Sums of per-case metrics for one scorer under the three protocols."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.n = 0
 
-    def add(self, scores: np.ndarray, targets: np.ndarray, negs: np.ndarray, k: int) -> None:
+    def _sum(self, proto: str, m: dict[str, np.ndarray]) -> None:
+        for name, v in m.items():
+            self.sums[f"{proto}.{name}"] = self.sums.get(f"{proto}.{name}", 0.0) + float(v.sum())
+
+    def add(self, scores: np.ndarray, targets: np.ndarray, negs: np.ndarray, seen: np.ndarray, k: int) -> None:
+        """scores (B, n_items); seen (B, n_items) bool: the user's input items."""
         scores = np.asarray(scores, dtype=np.float64)
         B = len(targets)
-        ok = targets >= 2  # an OOV target is a miss in both protocols
-        t = scores[np.arange(B), np.maximum(targets, 0)]
+        ok = targets >= 2  # an OOV target is a miss in every protocol
+        rows = np.arange(B)
+        t = scores[rows, np.maximum(targets, 0)]
         cat = scores[:, 2:]
-        g_full = (cat > t[:, None]).sum(1)
-        e_full = (cat == t[:, None]).sum(1) - ok.astype(np.int64)
+        above, level = cat > t[:, None], cat == t[:, None]
+        g_full = above.sum(1)
+        e_full = level.sum(1) - ok.astype(np.int64)
+        unseen = ~seen[:, 2:]
+        unseen[rows[ok], targets[ok] - 2] = False  # the target counts apart from the others
+        g_ex = (above & unseen).sum(1)
+        e_ex = (level & unseen).sum(1)
         neg = np.take_along_axis(scores, negs, axis=1)
-        g_s = (neg > t[:, None]).sum(1)
-        e_s = (neg == t[:, None]).sum(1)
-        full = _tie_metrics(g_full, np.maximum(e_full, 0), k, ok)
-        samp = _tie_metrics(g_s, e_s, k, ok)
-        for name, v in (("full_hr", full["hr"]), ("full_ndcg", full["ndcg"]), ("full_mrr", full["rr"]),
-                        ("sampled_hr", samp["hr"]), ("sampled_ndcg", samp["ndcg"])):
-            self.sums[name] = self.sums.get(name, 0.0) + float(v.sum())
+        self._sum("sampled", _tie_metrics((neg > t[:, None]).sum(1), (neg == t[:, None]).sum(1), k, ok))
+        self._sum("full", _tie_metrics(g_full, np.maximum(e_full, 0), k, ok))
+        self._sum("full_seen_excluded", _tie_metrics(g_ex, e_ex, k, ok))
         self.n += B
 
     def result(self, k: int) -> dict[str, dict[str, float]]:
         n = max(self.n, 1)
-        m = {key: v / n for key, v in self.sums.items()}
-        return {
-            "sampled": {f"hr@{k}": m.get("sampled_hr", 0.0), f"ndcg@{k}": m.get("sampled_ndcg", 0.0)},
-            "full": {f"hr@{k}": m.get("full_hr", 0.0), f"ndcg@{k}": m.get("full_ndcg", 0.0),
-                     "mrr": m.get("full_mrr", 0.0)},
-        }
+        out: dict[str, dict[str, float]] = {}
+        for proto in PROTOCOLS:
+            m = {f"hr@{k}": self.sums.get(f"{proto}.hr", 0.0) / n, f"ndcg@{k}": self.sums.get(f"{proto}.ndcg", 0.0) / n}
+            if proto != "sampled":
+                m["mrr"] = self.sums.get(f"{proto}.rr", 0.0) / n
+            out[proto] = m
+        return out
+
+
+class _Aux:
+    """Sums for the figures beside ranking: next-item NLL, and next type and gap only
+    where the data has them (a `user item` file has one type and evenly spaced events)."""
+
+    def __init__(self, has_types: bool, has_gaps: bool) -> None:
+        self.has_types, self.has_gaps = has_types, has_gaps
+        self.s = {"item_nll": 0.0, "type_hit": 0.0, "abs_log": 0.0, "sq_log": 0.0, "abs_s": 0.0, "sq_s": 0.0}
+
+    def add(self, enc: Encoder, z: torch.Tensor, logits: torch.Tensor, batch: Sequence[EvalCase]) -> None:
+        dev = z.device
+        tgt = torch.tensor([c.target_item for c in batch], device=dev)
+        self.s["item_nll"] += float(F.cross_entropy(logits, tgt, reduction="sum"))
+        if self.has_types:
+            ty = torch.tensor([c.target_type for c in batch], device=dev)
+            self.s["type_hit"] += float((enc.type_head(z).argmax(-1) == ty).sum())
+        if self.has_gaps:
+            pred_log = enc.time_head(z).squeeze(-1).float().cpu().numpy().astype(np.float64)
+            true_log = np.asarray([c.target_log_gap for c in batch], dtype=np.float64)
+            d_log = pred_log - true_log
+            d_s = np.expm1(np.clip(pred_log, 0.0, 30.0)) - np.expm1(true_log)
+            self.s["abs_log"] += float(np.abs(d_log).sum())
+            self.s["sq_log"] += float((d_log**2).sum())
+            self.s["abs_s"] += float(np.abs(d_s).sum())
+            self.s["sq_s"] += float((d_s**2).sum())
+
+    def result(self, n: int) -> dict[str, float]:
+        s = self.s
+        out = {"item_nll": s["item_nll"] / n}
+        if self.has_types:
+            out["type_acc"] = s["type_hit"] / n
+        if self.has_gaps:
+            out.update({"time_mae_log": s["abs_log"] / n, "time_rmse_log": math.sqrt(s["sq_log"] / n),
+                        "time_mae_s": s["abs_s"] / n, "time_rmse_s": math.sqrt(s["sq_s"] / n)})
+        return out
+
+
+def _recall_last_distinct(scores: torch.Tensor, batch: Sequence[EvalCase], k: int) -> float:
+    """Sum over the batch of recall@k of each user's last k distinct input items in the
+    top k of `scores` (B, n_items): what the vector retains of the recent history."""
+    top = torch.topk(scores[:, 2:], k, dim=-1).indices.cpu().numpy() + 2
+    total = 0.0
+    for row, c in zip(top, batch, strict=True):
+        recent = list(dict.fromkeys(int(i) for i in c.inputs[::-1, 0] if i >= 2))[:k]
+        if recent:
+            total += len(set(recent) & set(row.tolist())) / len(recent)
+    return total
+
+
+def _baselines(split: Split, baselines: bool | Sequence[Popularity | Markov]) -> Sequence[Popularity | Markov]:
+    if baselines is True:
+        return fit_baselines(split.train, split.spec.n_items)
+    return [] if baselines is False else baselines
+
+
+def _seen_mask(batch: Sequence[EvalCase], n_items: int) -> np.ndarray:
+    seen = np.zeros((len(batch), n_items), dtype=bool)
+    for b, c in enumerate(batch):
+        seen[b, c.inputs[:, 0]] = True
+    return seen
+
+
+@torch.no_grad()
+def _last_z(enc: Encoder, batch: Sequence[EvalCase], device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """z after each case's last input event (B, D) and its last input item (B,)."""
+    item, etype, gap, lengths = pad_inputs(batch)
+    y, _ = enc.hidden_seq(torch.from_numpy(item).to(device), torch.from_numpy(etype).to(device),
+                          torch.from_numpy(gap).to(device))  # (T, B, H)
+    last = torch.from_numpy(lengths - 1).to(device)
+    h = y[last, torch.arange(len(batch), device=device)]
+    return enc.z(h).float(), item[lengths - 1, np.arange(len(batch))]
 
 
 @torch.no_grad()
@@ -130,8 +214,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate `model` on `split.valid` or `split.test` (optionally the first `max_cases`).
 
-    Returns {"n_users", "model": {sampled, full, item_nll, type_acc, time_*},
-    "<baseline>": {sampled, full}, "margins": model / baseline ratios, "compression"}.
+    Returns {"n_users", "protocols", "model": {<protocol>: {hr@k, ndcg@k[, mrr]}, item_nll,
+    [type_acc, time_*]}, "<baseline>": {<protocol>: ...}, "margins": model / baseline
+    ratios keyed "<protocol>.<metric>_vs_<baseline>", "compression"}.
     """
     cases: list[EvalCase] = list(getattr(split, which))[: max_cases or None]
     if not cases:
@@ -139,88 +224,75 @@ def evaluate(
     enc: Encoder = getattr(model, "module", model)  # unwrap DDP
     was_training = enc.training
     enc.eval()
-    n_items = split.spec.n_items
-    # The candidates depend only on the cases and the seed: draw once per split and reuse.
-    cache = split.cache
+    n_items, dev = split.spec.n_items, torch.device(device)
+    cache = split.cache  # candidates and baseline scores depend only on the cases and the seed
     ck = ("negatives", which, len(cases), num_negatives, seed)
     if ck not in cache:
         cache[ck] = sample_negatives(cases, n_items, num_negatives, seed)
     negs = cache[ck]
     targets = np.asarray([c.target_item for c in cases], dtype=np.int64)
-    if baselines is True:
-        bls: Sequence[Popularity | Markov] = fit_baselines(split.train, n_items)
-    elif baselines is False:
-        bls = []
-    else:
-        bls = baselines
-    # Baselines are fitted on split.train: their scores on these cases never change, so a
-    # per-epoch valid evaluation computes them once.
+    bls = _baselines(split, baselines)
     bkey = {b.name: ("baseline", b.name, which, len(cases), num_negatives, seed, k) for b in bls}
     todo = [b for b in bls if bkey[b.name] not in cache]
     acc = {"model": _Acc(), **{b.name: _Acc() for b in todo}}
-    nll = type_hit = 0.0
-    t_abs_log = t_sq_log = t_abs_s = t_sq_s = 0.0
-
+    aux = _Aux(split.info.get("has_types", True), split.info.get("has_gaps", True))
+    recall_sum = 0.0
     lengths_all = np.asarray([len(c.inputs) for c in cases])
     for idx in _eval_batches(lengths_all, batch_size, token_budget=max(batch_size * 64, 4096)):
         batch = [cases[i] for i in idx]
-        item, etype, gap, lengths = pad_inputs(batch)
-        dev = torch.device(device)
-        y, _ = enc.hidden_seq(torch.from_numpy(item).to(dev), torch.from_numpy(etype).to(dev),
-                              torch.from_numpy(gap).to(dev))  # (T, B, H)
-        last = torch.from_numpy(lengths - 1).to(dev)
-        h = y[last, torch.arange(len(batch), device=dev)]  # (B, H)
-        z = enc.z(h).float()  # (B, D)
+        z, last_items = _last_z(enc, batch, dev)
         logits = enc.item_logits(z).float()  # (B, n_items)
-        tgt = torch.from_numpy(targets[idx]).to(dev)
-        nll += float(F.cross_entropy(logits, tgt, reduction="sum"))
-        acc["model"].add(logits.cpu().numpy(), targets[idx], negs[idx], k)
-        ty = torch.tensor([c.target_type for c in batch], device=dev)
-        type_hit += float((enc.type_head(z).argmax(-1) == ty).sum())
-        pred_log = enc.time_head(z).squeeze(-1).float().cpu().numpy().astype(np.float64)
-        true_log = np.asarray([c.target_log_gap for c in batch], dtype=np.float64)
-        d_log = pred_log - true_log
-        d_s = np.expm1(np.clip(pred_log, 0.0, 30.0)) - np.expm1(true_log)
-        t_abs_log += float(np.abs(d_log).sum())
-        t_sq_log += float((d_log**2).sum())
-        t_abs_s += float(np.abs(d_s).sum())
-        t_sq_s += float((d_s**2).sum())
-        last_items = item[lengths - 1, np.arange(len(batch))]
+        seen = _seen_mask(batch, n_items)
+        acc["model"].add(logits.cpu().numpy(), targets[idx], negs[idx], seen, k)
+        aux.add(enc, z, logits, batch)
+        recall_sum += _recall_last_distinct(enc.bag_logits(z) if enc.bag_proj is not None else logits, batch, k)
         for b in todo:
-            acc[b.name].add(b.scores(last_items), targets[idx], negs[idx], k)
+            acc[b.name].add(b.scores(last_items), targets[idx], negs[idx], seen, k)
     enc.train(was_training)
 
     n = len(cases)
-    out: dict[str, Any] = {"split": which, "n_users": n, "k": k, "num_negatives": num_negatives}
-    out["model"] = acc["model"].result(k)
-    out["model"].update({
-        "item_nll": nll / n,
-        "type_acc": type_hit / n,
-        "time_mae_log": t_abs_log / n,
-        "time_rmse_log": math.sqrt(t_sq_log / n),
-        "time_mae_s": t_abs_s / n,
-        "time_rmse_s": math.sqrt(t_sq_s / n),
-    })
-    margins: dict[str, float] = {}
+    out: dict[str, Any] = {"split": which, "n_users": n, "k": k, "num_negatives": num_negatives,
+                           "protocols": list(PROTOCOLS)}
+    out["model"] = {**acc["model"].result(k), **aux.result(n)}
     for b in todo:
         cache[bkey[b.name]] = acc[b.name].result(k)
     for b in bls:
         out[b.name] = copy.deepcopy(cache[bkey[b.name]])
-        for proto, ms in out[b.name].items():
-            for m, v in ms.items():
-                margins[f"{proto}_{m}_vs_{b.name}"] = out["model"][proto][m] / v if v > 0 else math.inf
     if bls:
-        out["margins"] = margins
+        out["margins"] = margins(out, [b.name for b in bls])
+    out["compression"] = compression(enc, split, cases, recall_sum / n, k)
+    return out
+
+
+def margins(metrics: dict[str, Any], baselines: Sequence[str]) -> dict[str, float]:
+    """Model / baseline ratio of every ranking figure, keyed "<protocol>.<metric>_vs_<baseline>"."""
+    out: dict[str, float] = {}
+    for name in baselines:
+        for proto in PROTOCOLS:
+            for m, v in metrics[name][proto].items():
+                out[f"{proto}.{m}_vs_{name}"] = metrics["model"][proto][m] / v if v > 0 else math.inf
+    return out
+
+
+def compression(enc: Encoder, split: Split, cases: Sequence[EvalCase], recall: float, k: int) -> dict[str, Any]:
+    """What the vector costs (bytes against the raw history) and retains (recall@k of the
+    last k distinct items, from the bag-of-items head when trained, else the next-item scores)."""
     mean_events = float(np.mean([len(c.inputs) for c in cases]))
     vec_bytes = enc.cfg.z_dim * 4
+    comp: dict[str, Any] = {"vector_bytes_f32": vec_bytes, "mean_history_events": mean_events,
+                            f"recall@{k}_last_{k}_distinct": recall,
+                            "recall_head": "bag" if enc.bag_proj is not None else "next_item"}
     ev_bytes = split.info.get("event_json_bytes")
-    comp: dict[str, Any] = {"vector_bytes_f32": vec_bytes, "mean_history_events": mean_events}
     if ev_bytes:
         raw = mean_events * ev_bytes
         comp.update({"mean_event_json_bytes": ev_bytes, "mean_history_json_bytes": raw,
                      "compression_ratio": raw / vec_bytes})
-    out["compression"] = comp
-    return out
+    return comp
+
+
+def beats(metrics: dict[str, Any], baseline: str = "markov") -> bool:
+    """The model above `baseline` on every headline figure (HR@k, NDCG@k, MRR; all protocols)."""
+    return all(metrics["model"][proto][m] > v for proto in PROTOCOLS for m, v in metrics[baseline][proto].items())
 
 
 def flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:

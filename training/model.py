@@ -15,10 +15,9 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    n_items: int  # item index space, padding (0) and OOV (1) included
-    n_event_types: int
-    n_gap_buckets: int
+class Architecture:
+    """The model's shape and regularisation: the training config takes these fields from here."""
+
     item_dim: int = 64
     type_dim: int = 8
     gap_dim: int = 8
@@ -26,7 +25,21 @@ class ModelConfig:
     layers: int = 1
     z_dim: int = 32
     vae: bool = False  # VAE head: z ~ N(mu, sigma); the published vector is mu
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the LSTM output before z, and between LSTM layers (training only)
+    input_dropout: float = 0.0  # on the event embeddings entering the LSTM (training only)
+    bag_head: bool = False  # a head decoding the user's recent items from z (compression view)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    n_items: int  # item index space, padding (0) and OOV (1) included
+    n_event_types: int
+    n_gap_buckets: int
+
+
+@dataclass(frozen=True)
+class ModelConfig(Architecture, Vocabulary):
+    """Vocabulary sizes first (positional), then the architecture fields."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,10 +55,14 @@ class Encoder(nn.Module):
         in_dim = cfg.item_dim + cfg.type_dim + cfg.gap_dim
         self.lstm = nn.LSTM(in_dim, cfg.hidden, num_layers=cfg.layers, batch_first=False,
                             dropout=cfg.dropout if cfg.layers > 1 else 0.0)
+        # Dropout has no weights: the exported (eval-mode) graph is the same with or without it.
+        self.input_drop = nn.Dropout(cfg.input_dropout)
+        self.hidden_drop = nn.Dropout(cfg.dropout)
         self.z_head = nn.Linear(cfg.hidden, cfg.z_dim)  # z (or mu for the VAE head)
         self.logvar_head = nn.Linear(cfg.hidden, cfg.z_dim) if cfg.vae else None
         self.item_proj = nn.Linear(cfg.z_dim, cfg.item_dim)  # z -> item-embedding space
         self.item_bias = nn.Parameter(torch.zeros(cfg.n_items))
+        self.bag_proj = nn.Linear(cfg.z_dim, cfg.item_dim) if cfg.bag_head else None
         self.type_head = nn.Linear(cfg.z_dim, cfg.n_event_types)
         self.time_head = nn.Linear(cfg.z_dim, 1)  # log1p(seconds to next event)
         nn.init.normal_(self.item_emb.weight, std=0.05)
@@ -59,7 +76,8 @@ class Encoder(nn.Module):
 
     def inputs(self, item: torch.Tensor, etype: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
         # (T, B) each -> (T, B, E)
-        return torch.cat([self.item_emb(item), self.type_emb(etype), self.gap_emb(gap)], dim=-1)
+        x = torch.cat([self.item_emb(item), self.type_emb(etype), self.gap_emb(gap)], dim=-1)
+        return self.input_drop(x)
 
     def hidden_seq(
         self,
@@ -73,7 +91,7 @@ class Encoder(nn.Module):
         if state is None:
             state = self.zero_state(item.shape[1])
         y, (h, c) = self.lstm(x, state)
-        return y, (h, c)
+        return self.hidden_drop(y), (h, c)
 
     def z(self, hidden: torch.Tensor) -> torch.Tensor:
         """The published vector from a top-layer hidden state (..., H) -> (..., D)."""
@@ -92,6 +110,12 @@ class Encoder(nn.Module):
     def item_logits(self, z: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., n_items) next-item scores."""
         return self.item_proj(z) @ self.item_emb.weight.t() + self.item_bias
+
+    def bag_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., n_items) scores of the items among the user's recent events."""
+        if self.bag_proj is None:
+            raise ValueError("this model has no bag-of-items head (ModelConfig.bag_head)")
+        return self.bag_proj(z) @ self.item_emb.weight.t()
 
     def item_query(self, z: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., item_dim): dot it with item embeddings (+ bias) to rank items."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from clickvec.training.config import TrainConfig
+from clickvec.training.config import PROTOCOLS, TrainConfig
 
 
 def _plots(out: Path, history: list[dict[str, Any]], k: int) -> list[str]:
@@ -30,13 +30,13 @@ def _plots(out: Path, history: list[dict[str, Any]], k: int) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for who, style in (("model", "-"), ("markov", "--"), ("popularity", ":")):
-        for proto in ("sampled", "full"):
+        for proto, marker in zip(PROTOCOLS, "oxs", strict=True):
             key = f"{who}.{proto}.hr@{k}"
             if key in history[0]:
-                ax.plot(ep, [h[key] for h in history], style, marker="o" if proto == "sampled" else "x",
-                        label=f"{who} {proto} HR@{k}")
+                ax.plot(ep, [h[key] for h in history], style, marker=marker, label=f"{who} {proto} HR@{k}")
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"valid HR@{k}")
+    ax.set_yscale("log")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -46,15 +46,31 @@ def _plots(out: Path, history: list[dict[str, Any]], k: int) -> list[str]:
 
 
 def _table(test: dict[str, Any], k: int) -> list[str]:
-    rows = [f"| scorer | sampled HR@{k} | sampled NDCG@{k} | full HR@{k} | full NDCG@{k} | full MRR |",
-            "|---|---|---|---|---|---|"]
+    protos = test["protocols"]
+    head = " | ".join(f"{p} {m}" for p in protos for m in test["model"][p])
+    rows = [f"| scorer | {head} |", "|---|" + "---|" * sum(len(test["model"][p]) for p in protos)]
     for who in ("model", "markov", "popularity"):
-        if who not in test:
-            continue
-        s, f = test[who]["sampled"], test[who]["full"]
-        rows.append(f"| {who} | {s[f'hr@{k}']:.4f} | {s[f'ndcg@{k}']:.4f} | {f[f'hr@{k}']:.4f} | "
-                    f"{f[f'ndcg@{k}']:.4f} | {f['mrr']:.4f} |")
+        if who in test:
+            rows.append(f"| {who} | " + " | ".join(f"{v:.4f}" for p in protos for v in test[who][p].values()) + " |")
     return rows
+
+
+def _aux_lines(m: dict[str, Any], comp: dict[str, Any], k: int) -> list[str]:
+    """Only the figures the data supports (no type accuracy without event types, no gap
+    error without timestamps)."""
+    lines = [f"Next-item NLL {m['item_nll']:.3f}."]
+    if "type_acc" in m:
+        lines.append(f"Next event type accuracy {m['type_acc']:.4f}.")
+    if "time_mae_s" in m:
+        lines.append(f"Time to next event MAE {m['time_mae_s']:.1f} s, RMSE {m['time_rmse_s']:.1f} s; log1p space "
+                     f"MAE {m['time_mae_log']:.3f}, RMSE {m['time_rmse_log']:.3f}.")
+    lines.append(f"Compression: a {comp['vector_bytes_f32']}-byte float32 vector summarises "
+                 f"{comp['mean_history_events']:.1f} events"
+                 + (f" ({comp['mean_history_json_bytes']:.0f} JSON bytes; {comp['compression_ratio']:.0f}x)"
+                    if "compression_ratio" in comp else "")
+                 + f"; recall@{k} of the last {k} distinct items from z "
+                 f"({comp['recall_head']} head): {comp[f'recall@{k}_last_{k}_distinct']:.4f}.")
+    return lines
 
 
 def write_report(out: str | Path, result: dict[str, Any], cfg: TrainConfig) -> None:
@@ -62,35 +78,31 @@ def write_report(out: str | Path, result: dict[str, Any], cfg: TrainConfig) -> N
     k = cfg.eval_k
     pngs = _plots(out, result.get("history", []), k)
     test = result["test"]
-    m = test["model"]
-    comp = result["compression"]
     lines = [
         f"# Training run `{out.name}`",
         "",
         f"- data: {cfg.data or f'synthetic, {cfg.synthetic_users} users'}; split `{cfg.split}`; "
         f"{result['split'].get('users')} users, {result['split'].get('train_events')} training events, "
         f"{result['split'].get('n_items')} item indices",
+        f"- recipe: `{result['recipe']['name']}` ({result['recipe']['reason']})",
         f"- model: {result['model']['parameters']:,} parameters; hidden {cfg.hidden}, z {cfg.z_dim}, "
         f"layers {cfg.layers}, vae {cfg.vae}; loss `{cfg.loss}`",
-        f"- {result['epochs_run']} epochs (best {result['best_epoch']}), {result['training_seconds']:.1f} s "
+        f"- {result['epochs_run']} of {result['epochs_planned']} epochs (stopped: {result['stop_reason']}; best "
+        f"{result['best_epoch']} by valid {result['select_metric']}), {result['training_seconds']:.1f} s "
         f"training on {result['device']} x{result['world_size']}; "
         f"{result['throughput']['sequences_per_s']:.0f} sequences/s, "
         f"{result['throughput']['events_per_s']:.0f} events/s",
+        f"- beats Markov on every headline figure of the test split: {result['beats_markov']}",
         "",
-        f"## Test split ({test['n_users']} users, 1 true item vs {test['num_negatives']} sampled / full catalogue)",
+        f"## Test split ({test['n_users']} users; sampled: 1 true item vs {test['num_negatives']} unseen; "
+        "full: whole catalogue; full_seen_excluded: catalogue less the user's history)",
         "",
         *_table(test, k),
         "",
         "Margins (model / baseline): " + ", ".join(
             f"{name} {v:.2f}x" for name, v in sorted(result.get("margins", {}).items()) if "hr@" in name),
         "",
-        f"Next event type accuracy {m['type_acc']:.4f}; time to next event MAE {m['time_mae_s']:.1f} s, "
-        f"RMSE {m['time_rmse_s']:.1f} s; log1p space MAE {m['time_mae_log']:.3f}, RMSE {m['time_rmse_log']:.3f}.",
-        "",
-        f"Compression: a {comp['vector_bytes_f32']}-byte float32 vector summarises "
-        f"{comp['mean_history_events']:.1f} events"
-        + (f" ({comp['mean_history_json_bytes']:.0f} JSON bytes; {comp['compression_ratio']:.0f}x)."
-           if "compression_ratio" in comp else "."),
+        *_aux_lines(test["model"], result["compression"], k),
         "",
         *[f"![{p}]({p})" for p in pngs],
         "",

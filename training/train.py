@@ -13,12 +13,12 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from clickvec.training.baselines import fit_baselines
 from clickvec.training.checkpoint import load_checkpoint, save_checkpoint
 from clickvec.training.config import TrainConfig
@@ -27,12 +27,14 @@ from clickvec.training.data import (
     Split,
     bucket_batches,
     event_json_bytes,
-    load_histories,
     make_split,
     synthetic_table,
 )
-from clickvec.training.evaluate import evaluate, flat
-from clickvec.training.model import Encoder, ModelConfig
+from clickvec.training.evaluate import beats, evaluate, flat
+from clickvec.training.model import Architecture, Encoder, ModelConfig
+from clickvec.training.objective import Objective, item_log_q
+from clickvec.training.readers import is_sequence_file, load_histories
+from clickvec.training.recipe import apply_recipe
 from torch import nn
 from tqdm import tqdm
 
@@ -81,8 +83,6 @@ def build_split(cfg: TrainConfig, source: Any = None) -> Split:
     if hasattr(source, "column_names"):
         table = source
     elif isinstance(source, (str, Path)) and table is None:
-        from clickvec.training.data import is_sequence_file
-
         if not is_sequence_file(source):
             from clickvec import eventfile
 
@@ -96,76 +96,8 @@ def build_split(cfg: TrainConfig, source: Any = None) -> Split:
 
 
 def model_config(cfg: TrainConfig, split: Split) -> ModelConfig:
-    return ModelConfig(
-        n_items=split.spec.n_items, n_event_types=split.spec.n_event_types, n_gap_buckets=N_GAP_BUCKETS,
-        item_dim=cfg.item_dim, type_dim=cfg.type_dim, gap_dim=cfg.gap_dim, hidden=cfg.hidden,
-        layers=cfg.layers, z_dim=cfg.z_dim, vae=cfg.vae, dropout=cfg.dropout,
-    )
-
-
-# ------------------------------------------------------------------------ objective
-
-
-class Objective(nn.Module):
-    """Encoder + the training objectives, so DDP wraps one forward that uses every parameter.
-
-    Every prediction comes from z after event t and targets event t + 1: causal by the LSTM.
-    `repeat_weight` adds a cross-entropy of the item of event t itself under the same
-    next-item scores: still scored from z alone (no copy path), it teaches the scores to
-    put the item just seen high, as Markov's self-transition counts do (funnel steps on
-    one item are about 16% of next events on the synthetic data).
-    """
-
-    def __init__(self, encoder: Encoder, cfg: TrainConfig) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.cfg = cfg
-
-    def forward(
-        self, item: torch.Tensor, etype: torch.Tensor, gap: torch.Tensor,
-        next_item: torch.Tensor, next_type: torch.Tensor, next_log_gap: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        enc, cfg = self.encoder, self.cfg
-        y, _ = enc.hidden_seq(item, etype, gap)  # (T, B, H)
-        mask = next_item > 0  # (T, B)
-        h = y[mask]  # (N, H)
-        z, kl = enc.sample_z(h)  # (N, D), (N,)
-        tgt = next_item[mask]  # (N,)
-        cur = item[mask]  # the item of event t itself
-        repeat_loss = z.new_zeros(())
-        if cfg.loss == "full":
-            logits = enc.item_logits(z).float()
-            item_loss = F.cross_entropy(logits, tgt)
-            if cfg.repeat_weight > 0:
-                repeat_loss = F.cross_entropy(logits, cur)
-        else:
-            item_loss = self._sampled_softmax(z, tgt)
-            if cfg.repeat_weight > 0:
-                repeat_loss = self._sampled_softmax(z, cur)
-        type_loss = F.cross_entropy(enc.type_head(z).float(), next_type[mask])
-        tl = next_log_gap[mask]
-        ok = torch.isfinite(tl)
-        pred = enc.time_head(z).squeeze(-1).float()
-        time_loss = F.mse_loss(pred[ok], tl[ok]) if bool(ok.any()) else pred.sum() * 0.0
-        kl_loss = kl.float().mean()
-        loss = (cfg.item_weight * item_loss + cfg.repeat_weight * repeat_loss + cfg.type_weight * type_loss
-                + cfg.time_weight * time_loss)
-        if enc.cfg.vae:
-            loss = loss + cfg.kl_weight * kl_loss
-        return loss, {"item": item_loss.detach(), "repeat": repeat_loss.detach(), "type": type_loss.detach(),
-                      "time": time_loss.detach(), "kl": kl_loss.detach()}
-
-    def _sampled_softmax(self, z: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        """Softmax over the true item and K uniform negatives shared by the batch
-        (uniform proposal: the logQ correction is a constant and cancels)."""
-        enc = self.encoder
-        negs = torch.randint(2, enc.cfg.n_items, (self.cfg.num_negatives,), device=z.device)
-        q = enc.item_query(z)  # (N, E)
-        pos = (q * enc.item_emb(tgt)).sum(-1) + enc.item_bias[tgt]  # (N,)
-        neg = q @ enc.item_emb(negs).t() + enc.item_bias[negs]  # (N, K)
-        neg = neg.masked_fill(negs.unsqueeze(0) == tgt.unsqueeze(1), float("-inf"))  # accidental hits
-        logits = torch.cat([pos.unsqueeze(1), neg], dim=1).float()
-        return F.cross_entropy(logits, torch.zeros(len(tgt), dtype=torch.long, device=z.device))
+    arch = {f.name: getattr(cfg, f.name) for f in fields(Architecture)}
+    return ModelConfig(split.spec.n_items, split.spec.n_event_types, N_GAP_BUCKETS, **arch)
 
 
 def _to(batch: Batch, device: torch.device) -> list[torch.Tensor]:
@@ -176,9 +108,46 @@ def _to(batch: Batch, device: torch.device) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------- train
 
 
-def train(cfg: TrainConfig, source: Any = None) -> dict[str, Any]:
-    """Train, checkpoint, evaluate the test split with best.pt; returns metrics.json's dict
-    (on rank 0; other ranks return {})."""
+@dataclass
+class Loop:
+    """Loop state, saved in last.pt for --resume."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    start_epoch: int = 0
+    step: int = 0
+    train_seconds: float = 0.0
+    seqs_seen: int = 0
+    events_seen: int = 0
+    stop_reason: str = "epochs"
+
+    def resume_state(self) -> dict[str, Any]:
+        keep = ("history", "best_score", "best_epoch", "bad_epochs", "train_seconds", "seqs_seen", "events_seen")
+        return {k: getattr(self, k) for k in keep} | {"torch_rng": torch.get_rng_state()}
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: config, data, model, optimiser, loop state."""
+
+    cfg: TrainConfig
+    split: Split
+    encoder: Encoder
+    objective: nn.Module
+    opt: torch.optim.Optimizer
+    device: torch.device
+    rank: int
+    world: int
+    out: Path
+    recipe: dict[str, Any]
+    loop: Loop = field(default_factory=Loop)
+    amp_dtype: torch.dtype = torch.float32
+    scaler: Any = None
+
+
+def _init_process(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     rank, world, local_rank = dist_env()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -191,162 +160,225 @@ def train(cfg: TrainConfig, source: Any = None) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.set_device(device)
     seed_everything(cfg.seed, cfg.deterministic)
-    out = Path(cfg.out)
-    t_start = time.perf_counter()
+    return rank, world, device
 
+
+def setup(cfg: TrainConfig, source: Any = None) -> Run:
+    """Data, recipe, model, optimiser and (with --resume) the loop state of last.pt."""
+    rank, world, device = _init_process(cfg)
     split = build_split(cfg, source)
-    mcfg = model_config(cfg, split)
+    cfg, recipe = apply_recipe(cfg, split.info)
+    out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.json")
+        (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
         (out / "vocab.json").write_text(json.dumps(split.spec.to_json()) + "\n")
-        log.info("split %s: %s", cfg.split, {k: v for k, v in split.info.items()})
-
+        print(f"recipe: {recipe['name']} ({recipe['reason']})", flush=True)
+        print("training config:\n" + json.dumps(cfg.to_dict(), indent=2, sort_keys=True), flush=True)
+        log.info("split %s: %s", cfg.split, split.info)
     torch.manual_seed(cfg.seed)  # same initial weights whatever the data loading drew
-    encoder = Encoder(mcfg)
+    encoder = Encoder(model_config(cfg, split))
     if cfg.item_init_std > 0:
         with torch.no_grad():
             nn.init.normal_(encoder.item_emb.weight, std=cfg.item_init_std)
             encoder.item_emb.weight[0].zero_()  # padding
     encoder.to(device)
-    objective: nn.Module = Objective(encoder, cfg)
+    objective: nn.Module = Objective(encoder, cfg, item_log_q(split.train, split.spec.n_items)).to(device)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else torch.float32
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    steps_per_epoch = len(split.train) // cfg.batch_size // world + 1
-    total_steps = max(1, cfg.epochs * steps_per_epoch)
-
-    def lr_factor(s: int) -> float:
-        warm = min(1.0, (s + 1) / max(1, cfg.warmup_steps))
-        if cfg.lr_schedule == "constant":
-            return warm
-        return warm * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, s / total_steps))))
-
-    history: list[dict[str, Any]] = []
-    best_score, best_epoch, bad_epochs, start_epoch, step = -1.0, -1, 0, 0, 0
-    train_seconds, seqs_seen, events_seen = 0.0, 0, 0
+    run = Run(cfg, split, encoder, objective, opt, device, rank, world, out, recipe, Loop(), amp_dtype, scaler)
     if cfg.resume and (out / "last.pt").exists():
-        payload = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
-        encoder.load_state_dict(payload["state_dict"])
-        opt.load_state_dict(payload["optimizer"])
-        r = payload["resume"]
-        history, best_score, best_epoch, bad_epochs = r["history"], r["best_score"], r["best_epoch"], r["bad_epochs"]
-        start_epoch, step = payload["epoch"] + 1, payload["step"]
-        train_seconds, seqs_seen, events_seen = r["train_seconds"], r["seqs_seen"], r["events_seen"]
-        torch.set_rng_state(r["torch_rng"])
-        log.info("resumed from %s at epoch %d", out / "last.pt", start_epoch)
+        _resume(run)
+    return run
 
-    valid_baselines = fit_baselines(split.train, split.spec.n_items)
-    eval_kw = {"device": device, "k": cfg.eval_k, "num_negatives": cfg.num_eval_negatives,
-               "seed": cfg.eval_seed, "batch_size": cfg.eval_batch_size}
-    key = f"model.sampled.ndcg@{cfg.eval_k}"
-    deadline = time.perf_counter() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
-    stop = False
-    for epoch in range(start_epoch, cfg.epochs):
-        encoder.train()
-        rng = np.random.default_rng([cfg.seed, epoch])
-        batches = list(bucket_batches(split.train, cfg.batch_size, cfg.max_len, rng, rank, world))
-        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not cfg.progress or rank != 0, leave=False,
-                   dynamic_ncols=True)
-        loss_sum = torch.zeros(2, dtype=torch.float64)
-        t0 = time.perf_counter()
-        for batch in bar:
-            tensors = _to(batch, device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss, parts = objective(*tensors)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(step)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            lv = float(loss.detach())
-            loss_sum += torch.tensor([lv * len(batch.lengths), len(batch.lengths)], dtype=torch.float64)
-            seqs_seen += len(batch.lengths) * world
-            events_seen += batch.n_targets * world
-            bar.set_postfix(loss=f"{lv:.4f}", item=f"{float(parts['item']):.3f}")
-            if time.perf_counter() > deadline:
-                stop = True
-                break
-        train_seconds += time.perf_counter() - t0
-        if world > 1:
-            import torch.distributed as dist
 
-            dist.all_reduce(loss_sum)
-        train_loss = float(loss_sum[0] / max(loss_sum[1], 1.0))
+def _resume(run: Run) -> None:
+    payload = torch.load(run.out / "last.pt", map_location="cpu", weights_only=False)
+    run.encoder.load_state_dict(payload["state_dict"])
+    run.opt.load_state_dict(payload["optimizer"])
+    r = payload["resume"]
+    torch.set_rng_state(r.pop("torch_rng"))
+    run.loop = Loop(**r, start_epoch=payload["epoch"] + 1, step=payload["step"])
+    log.info("resumed from %s at epoch %d", run.out / "last.pt", run.loop.start_epoch)
 
-        flag = torch.zeros(1)
-        if rank == 0:
-            m = evaluate(encoder, split, "valid", baselines=valid_baselines, **eval_kw)
-            fm = flat(m)
-            rec = {"epoch": epoch, "step": step, "train_loss": train_loss,
-                   "train_seconds": train_seconds, **{k: fm[k] for k in sorted(fm) if not k.startswith("compression")}}
-            history.append(rec)
-            score = fm[key]
-            log.info("epoch %d loss %.4f valid sampled HR@%d %.4f NDCG@%d %.4f (markov %.4f) full HR %.4f",
-                     epoch, train_loss, cfg.eval_k, fm[f"model.sampled.hr@{cfg.eval_k}"], cfg.eval_k, score,
-                     fm[f"markov.sampled.hr@{cfg.eval_k}"], fm[f"model.full.hr@{cfg.eval_k}"])
-            if score > best_score:
-                best_score, best_epoch, bad_epochs = score, epoch, 0
-                save_checkpoint(out / "best.pt", encoder, split.spec, cfg.to_dict(), m, epoch=epoch, step=step)
-            else:
-                bad_epochs += 1
-            resume_state = {"history": history, "best_score": best_score, "best_epoch": best_epoch,
-                            "bad_epochs": bad_epochs, "train_seconds": train_seconds, "seqs_seen": seqs_seen,
-                            "events_seen": events_seen, "torch_rng": torch.get_rng_state()}
-            save_checkpoint(out / "last.pt", encoder, split.spec, cfg.to_dict(), m, epoch=epoch, step=step,
-                            optimizer=opt.state_dict(), resume=resume_state)
-            if stop or bad_epochs >= cfg.patience:
-                flag[0] = 1.0
-        if world > 1:
-            import torch.distributed as dist
 
-            dist.broadcast(flag, 0)
-        if flag[0] > 0:
+def lr_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up, then constant or cosine down to 2% of the peak."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.lr_schedule == "constant":
+        return warm
+    return warm * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps))))
+
+
+def horizon(run: Run, planned: int, deadline: float, started: tuple[float, int]) -> int:
+    """Steps the cosine schedule anneals over: the planned ones, or fewer where the
+    wall-clock budget (at the step rate seen so far, validation included) will stop the
+    run first, so a capped run still ends on a low learning rate rather than mid-plateau.
+    Single process only: under DDP every rank must apply the same learning rate."""
+    t0, step0 = started
+    done, now = run.loop.step - step0, time.perf_counter()
+    if not math.isfinite(deadline) or run.world > 1 or done < 20:
+        return planned
+    return max(1, min(planned, run.loop.step + int((deadline - now) * done / max(now - t0, 1e-9))))
+
+
+def train_epoch(run: Run, epoch: int, deadline: float, started: tuple[float, int]) -> tuple[float, bool]:
+    """One pass over the training users; (mean loss per sequence, stopped by the deadline)."""
+    cfg, loop, enc = run.cfg, run.loop, run.encoder
+    enc.train()
+    rng = np.random.default_rng([cfg.seed, epoch])
+    batches = list(bucket_batches(run.split.train, cfg.batch_size, cfg.max_len, rng, run.rank, run.world))
+    planned = max(1, cfg.epochs * len(batches))
+    bar = tqdm(batches, desc=f"epoch {epoch}", disable=not cfg.progress or run.rank != 0, leave=False,
+               dynamic_ncols=True)
+    loss_sum = torch.zeros(2, dtype=torch.float64)
+    t0, timed_out = time.perf_counter(), False
+    for batch in bar:
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.device.type == "cuda"):
+            loss, parts = run.objective(*_to(batch, run.device))
+        for g in run.opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(cfg, loop.step, horizon(run, planned, deadline, started))
+        run.opt.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            run.scaler.unscale_(run.opt)
+            nn.utils.clip_grad_norm_(enc.parameters(), cfg.grad_clip)
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        loop.step += 1
+        lv = float(loss.detach())
+        loss_sum += torch.tensor([lv * len(batch.lengths), len(batch.lengths)], dtype=torch.float64)
+        loop.seqs_seen += len(batch.lengths) * run.world
+        loop.events_seen += batch.n_targets * run.world
+        bar.set_postfix(loss=f"{lv:.4f}", item=f"{float(parts['item']):.3f}")
+        if time.perf_counter() > deadline:
+            timed_out = True
             break
+    loop.train_seconds += time.perf_counter() - t0
+    if run.world > 1:
+        import torch.distributed as dist
 
-    result: dict[str, Any] = {}
-    if rank == 0:
-        best, _, payload = load_checkpoint(out / "best.pt")
-        best.to(device)
-        test = evaluate(best, split, "test", baselines=fit_baselines(split.train, split.spec.n_items), **eval_kw)
-        n_params = sum(p.numel() for p in best.parameters())
-        result = {
-            "test": test,
-            "margins": test.get("margins", {}),
-            "compression": test["compression"],
-            "best_epoch": payload.get("epoch", best_epoch),
-            "valid_at_best": payload.get("metrics", {}),
-            "epochs_run": len(history),
-            "training_seconds": train_seconds,
-            "wall_seconds": time.perf_counter() - t_start,
-            "throughput": {"sequences_per_s": seqs_seen / max(train_seconds, 1e-9),
-                           "events_per_s": events_seen / max(train_seconds, 1e-9)},
-            "world_size": world,
-            "device": str(device),
-            "amp": str(amp_dtype).replace("torch.", "") if use_amp else None,
-            "model": {"config": mcfg.to_dict(), "parameters": n_params, "bytes_f32": n_params * 4},
-            "split": split.info,
-            "history": history,
-            "torch": torch.__version__,
-        }
-        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-        from clickvec.training.report import write_report
+        dist.all_reduce(loss_sum)
+    return float(loss_sum[0] / max(loss_sum[1], 1.0)), timed_out
 
-        write_report(out, result, cfg)
-    if world > 1:
+
+def validate(run: Run, epoch: int, train_loss: float, baselines: list, eval_kw: dict[str, Any]) -> bool:
+    """Rank 0: score the valid split, keep best.pt and last.pt; True when patience ran out."""
+    cfg, loop = run.cfg, run.loop
+    m = evaluate(run.encoder, run.split, "valid", baselines=baselines, **eval_kw)
+    fm = flat(m)
+    loop.history.append({"epoch": epoch, "step": loop.step, "train_loss": train_loss,
+                         "train_seconds": loop.train_seconds,
+                         **{k: fm[k] for k in sorted(fm) if not k.startswith("compression")}})
+    score = fm[f"model.{cfg.select_metric}"]
+    k = cfg.eval_k
+    log.info("epoch %d loss %.4f valid %s %.4f | full_seen_excluded HR@%d %.4f NDCG@%d %.4f (markov %.4f %.4f)",
+             epoch, train_loss, cfg.select_metric, score, k, fm[f"model.full_seen_excluded.hr@{k}"], k,
+             fm[f"model.full_seen_excluded.ndcg@{k}"], fm[f"markov.full_seen_excluded.hr@{k}"],
+             fm[f"markov.full_seen_excluded.ndcg@{k}"])
+    ckpt = {"epoch": epoch, "step": loop.step}
+    if score > loop.best_score:
+        loop.best_score, loop.best_epoch, loop.bad_epochs = score, epoch, 0
+        save_checkpoint(run.out / "best.pt", run.encoder, run.split.spec, cfg.to_dict(), m, **ckpt)
+    else:
+        loop.bad_epochs += 1
+    save_checkpoint(run.out / "last.pt", run.encoder, run.split.spec, cfg.to_dict(), m, **ckpt,
+                    optimizer=run.opt.state_dict(), resume=loop.resume_state())
+    return loop.bad_epochs >= cfg.patience
+
+
+def _broadcast_stop(run: Run, stop: bool) -> bool:
+    if run.world == 1:
+        return stop
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if stop else 0.0])
+    dist.broadcast(flag, 0)
+    return bool(flag[0] > 0)
+
+
+def train(cfg: TrainConfig, source: Any = None) -> dict[str, Any]:
+    """Train, checkpoint, evaluate the test split with best.pt; returns metrics.json's dict
+    (on rank 0; other ranks return {})."""
+    t_start = time.perf_counter()
+    run = setup(cfg, source)
+    cfg, loop = run.cfg, run.loop
+    valid_baselines = fit_baselines(run.split.train, run.split.spec.n_items)
+    eval_kw = {"device": run.device, "k": cfg.eval_k, "num_negatives": cfg.num_eval_negatives,
+               "seed": cfg.eval_seed, "batch_size": cfg.eval_batch_size}
+    deadline = time.perf_counter() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+    started = (time.perf_counter(), loop.step)
+    for epoch in range(loop.start_epoch, cfg.epochs):
+        train_loss, timed_out = train_epoch(run, epoch, deadline, started)
+        patience_out = validate(run, epoch, train_loss, valid_baselines, eval_kw) if run.rank == 0 else False
+        if timed_out or patience_out:
+            loop.stop_reason = "time_cap" if timed_out else "early_stop"
+        if _broadcast_stop(run, timed_out or patience_out):
+            break
+    result = finish(run, eval_kw, time.perf_counter() - t_start) if run.rank == 0 else {}
+    if run.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def finish(run: Run, eval_kw: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
+    """Test best.pt against the baselines; write metrics.json and the report; warn plainly."""
+    cfg, loop, split = run.cfg, run.loop, run.split
+    best, _, payload = load_checkpoint(run.out / "best.pt")
+    best.to(run.device)
+    test = evaluate(best, split, "test", baselines=fit_baselines(split.train, split.spec.n_items), **eval_kw)
+    n_params = sum(p.numel() for p in best.parameters())
+    result = {
+        "stop_reason": loop.stop_reason,
+        "epochs_run": len(loop.history),
+        "epochs_planned": cfg.epochs,
+        "beats_markov": beats(test, "markov"),
+        "recipe": run.recipe,
+        "test": test,
+        "margins": test.get("margins", {}),
+        "compression": test["compression"],
+        "best_epoch": payload.get("epoch", loop.best_epoch),
+        "select_metric": cfg.select_metric,
+        "valid_at_best": payload.get("metrics", {}),
+        "training_seconds": loop.train_seconds,
+        "wall_seconds": wall_seconds,
+        "throughput": {"sequences_per_s": loop.seqs_seen / max(loop.train_seconds, 1e-9),
+                       "events_per_s": loop.events_seen / max(loop.train_seconds, 1e-9)},
+        "world_size": run.world,
+        "device": str(run.device),
+        "amp": str(run.amp_dtype).replace("torch.", "") if run.device.type == "cuda" else None,
+        "model": {"config": best.cfg.to_dict(), "parameters": n_params, "bytes_f32": n_params * 4},
+        "split": split.info,
+        "history": loop.history,
+        "torch": torch.__version__,
+    }
+    (run.out / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    from clickvec.training.report import write_report
+
+    write_report(run.out, result, cfg)
+    for line in warnings(result):
+        print(f"WARNING: {line}", flush=True)
+    return result
+
+
+def warnings(result: dict[str, Any]) -> list[str]:
+    """Plain lines for what the reader of a run must not miss."""
+    out = []
+    if result["stop_reason"] == "time_cap":
+        out.append(f"training stopped by the time cap after {result['epochs_run']} of "
+                   f"{result['epochs_planned']} epochs; the model may be undertrained")
+    if not result["beats_markov"]:
+        t = result["test"]
+        lost = [f"{p}.{m}" for p in t["protocols"] for m, v in t["markov"][p].items() if t["model"][p][m] <= v]
+        out.append(f"the model does not beat Markov on the test split ({', '.join(lost)})")
+    return out
