@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from clickvec.training.cli import resolve
 from clickvec.training.train import train
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from clickvec.devtools.synth import SynthConfig, generate_table
 from clickvec.training.config import TrainConfig
 from clickvec.training.data import bucket_batches, make_split
 from clickvec.training.evaluate import evaluate
@@ -24,8 +26,6 @@ from clickvec.training.model import Encoder
 from clickvec.training.objective import Objective, item_log_q
 from clickvec.training.readers import load_histories
 from clickvec.training.train import model_config, seed_everything
-
-from clickvec.devtools.synth import SynthConfig, generate_table
 
 
 def run(cfg: TrainConfig, split, seconds: float) -> dict:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from clickvec.stream.worker.continuity import Continuity, find_holes
-from clickvec.stream.worker.engine import Record
 from confluent_kafka import Consumer, TopicPartition
 
 from clickvec.devtools.produce import produce_records
+from clickvec.stream.worker.continuity import Continuity, find_holes
+from clickvec.stream.worker.engine import Record
 
 
 def _rec(p: int, o: int) -> Record:

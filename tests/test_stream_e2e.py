@@ -15,7 +15,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from clickvec.stream.worker.state import UserState
 from stream_util import (
     TopicReader,
     VectorLog,
@@ -29,6 +28,7 @@ from clickvec.bundle.reader import load_bundle
 from clickvec.contract.events import ClickEvent
 from clickvec.devtools.produce import produce_events, produce_records
 from clickvec.devtools.synth import SynthConfig, generate_events
+from clickvec.stream.worker.state import UserState
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from clickvec.bundle.reader import load_bundle
+from clickvec.contract.messages import VectorMessage
+from clickvec.devtools.synth import SynthConfig, generate_events
 from clickvec.stream.worker.engine import (
     Engine,
     EngineConfig,
@@ -13,10 +17,6 @@ from clickvec.stream.worker.engine import (
     Record,
 )
 from clickvec.stream.worker.state import HEADER_BYTES, StateError, UserState
-
-from clickvec.bundle.reader import load_bundle
-from clickvec.contract.messages import VectorMessage
-from clickvec.devtools.synth import SynthConfig, generate_events
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-from clickvec.stream.worker.engine import Engine, MemoryStateStore, Record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +20,7 @@ from clickvec.contract.messages import (
     vector_json_source,
 )
 from clickvec.devtools.synth import SynthConfig, generate_events
+from clickvec.stream.worker.engine import Engine, MemoryStateStore, Record
 
 _f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 

@@ -9,6 +9,7 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+
 from clickvec.stream.worker import faust_internals
 from clickvec.stream.worker.config import StreamConfig
 from clickvec.stream.worker.engine import BatchResult, Record, StateStore

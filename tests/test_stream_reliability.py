@@ -96,8 +96,9 @@ def test_oversized_message_is_dead_lettered_and_the_worker_goes_on(kafka_bootstr
 
 
 def test_retriable_errors_are_retried_for_a_bounded_time():
-    from clickvec.stream.worker.continuity import GapError, retrying
     from confluent_kafka import KafkaError, KafkaException
+
+    from clickvec.stream.worker.continuity import GapError, retrying
 
     calls = []
 

@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from clickvec import eventfile
+from clickvec.devtools.synth import SynthConfig, generate_table
 from clickvec.training.baselines import Markov, Popularity
 from clickvec.training.config import TrainConfig
 from clickvec.training.data import bucket_batches, make_split, pad_batch
@@ -23,9 +26,6 @@ from clickvec.training.model import Encoder
 from clickvec.training.objective import Objective
 from clickvec.training.readers import load_histories
 from clickvec.training.train import model_config, train
-
-from clickvec import eventfile
-from clickvec.devtools.synth import SynthConfig, generate_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

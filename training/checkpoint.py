@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from clickvec.training.model import Encoder, ModelConfig
 
 from clickvec.features import FeatureSpec
+from clickvec.training.model import Encoder, ModelConfig
 
 
 def save_checkpoint(

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from clickvec.training.readers import SEQ_EVENT_TYPE, History
 
 from clickvec.contract.events import ClickEvent
 from clickvec.features import PAD, FeatureSpec
+from clickvec.training.readers import SEQ_EVENT_TYPE, History
 
 log = logging.getLogger(__name__)
 

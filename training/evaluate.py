@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from clickvec.training.baselines import Markov, Popularity, fit_baselines
 from clickvec.training.config import PROTOCOLS
 from clickvec.training.data import EvalCase, Split, pad_inputs

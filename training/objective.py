@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from clickvec.training.config import TrainConfig
 from clickvec.training.model import Encoder
-from torch import nn
 
 
 def item_log_q(train: list[np.ndarray], n_items: int) -> torch.Tensor:

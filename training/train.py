@@ -19,6 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from tqdm import tqdm
+
+from clickvec.features import N_GAP_BUCKETS
 from clickvec.training.baselines import fit_baselines
 from clickvec.training.checkpoint import load_checkpoint, save_checkpoint
 from clickvec.training.config import TrainConfig
@@ -35,10 +39,6 @@ from clickvec.training.model import Architecture, Encoder, ModelConfig
 from clickvec.training.objective import Objective, item_log_q
 from clickvec.training.readers import is_sequence_file, load_histories
 from clickvec.training.recipe import apply_recipe
-from torch import nn
-from tqdm import tqdm
-
-from clickvec.features import N_GAP_BUCKETS
 
 log = logging.getLogger(__name__)
 

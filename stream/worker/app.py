@@ -12,6 +12,11 @@ import logging
 from typing import Any
 
 import faust
+from confluent_kafka.admin import AdminClient
+from faust.types import TP
+
+from clickvec.bundle.reader import load_bundle
+from clickvec.errors import ClickvecError
 from clickvec.stream.worker import faust_internals
 from clickvec.stream.worker.config import StreamConfig
 from clickvec.stream.worker.continuity import Continuity
@@ -22,11 +27,6 @@ from clickvec.stream.worker.pipeline import Pipeline, fail_stopping
 from clickvec.stream.worker.sink import Sink
 from clickvec.stream.worker.table import TABLE_NAME, TableStore
 from clickvec.stream.worker.views import Views
-from confluent_kafka.admin import AdminClient
-from faust.types import TP
-
-from clickvec.bundle.reader import load_bundle
-from clickvec.errors import ClickvecError
 
 log = logging.getLogger(__name__)
 

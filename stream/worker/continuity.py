@@ -24,10 +24,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from clickvec.stream.worker.engine import Record
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
 from clickvec.kafka import PARTITION_EOF
+from clickvec.stream.worker.engine import Record
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from clickvec.stream.worker.state import StateError, UserState, model_id_prefix
 
 from clickvec.contract.events import ClickEvent, EventError, parse_event
 from clickvec.contract.messages import (
@@ -28,6 +27,7 @@ from clickvec.contract.messages import (
     vector_json_source,
 )
 from clickvec.features import gap_bucket
+from clickvec.stream.worker.state import StateError, UserState, model_id_prefix
 
 log = logging.getLogger(__name__)
 

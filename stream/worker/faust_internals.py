@@ -21,10 +21,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.consumer.fetcher import Fetcher as AIOKafkaFetcher
-from clickvec.stream.worker.engine import Record
 from faust.stores.rocksdb import Store as RocksDBStore
 from faust.transport.consumer import ack_lock
 from faust.types import TP
+
+from clickvec.stream.worker.engine import Record
 
 log = logging.getLogger(__name__)
 

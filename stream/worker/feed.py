@@ -30,9 +30,10 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
+from faust.types import TP
+
 from clickvec.stream.worker import faust_internals
 from clickvec.stream.worker.engine import Record
-from faust.types import TP
 
 
 class BatchToken:

@@ -9,14 +9,14 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from clickvec.stream.worker import faust_internals
-from clickvec.stream.worker.engine import Record, StateStore
-from clickvec.stream.worker.sink import DeliveryError, reliable_producer
 from confluent_kafka import KafkaError
 from faust.types import TP
 from rocksdict import WriteBatch
 
 from clickvec.kafka import produce_waiting
+from clickvec.stream.worker import faust_internals
+from clickvec.stream.worker.engine import Record, StateStore
+from clickvec.stream.worker.sink import DeliveryError, reliable_producer
 
 log = logging.getLogger(__name__)
 
