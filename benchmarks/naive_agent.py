@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,15 @@ class Recompute:
         return len(h), z_last[0].tolist(), float(surprise[-1, 0])
 
 
+async def valid_events(stream: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """(message, parsed event) for each valid event of a Faust stream; bad ones are skipped."""
+    async for ev in stream.events():
+        try:
+            yield ev.message, parse_event(ev.message.value)
+        except EventError:
+            continue
+
+
 def build(args: argparse.Namespace) -> Any:
     import faust
 
@@ -75,12 +85,7 @@ def build(args: argparse.Namespace) -> Any:
 
         @app.agent(in_topic)
         async def naive(stream: Any) -> None:
-            async for ev in stream.events():
-                m = ev.message
-                try:
-                    e = parse_event(m.value)
-                except EventError:
-                    continue
+            async for m, e in valid_events(stream):
                 raw = table.get(m.key)
                 st = UserState.unpack(raw, L, H) if raw is not None else UserState.fresh(prefix, L, H)
                 spec = bundle.spec
@@ -99,12 +104,7 @@ def build(args: argparse.Namespace) -> Any:
 
         @app.agent(in_topic)
         async def recompute(stream: Any) -> None:
-            async for ev in stream.events():
-                m = ev.message
-                try:
-                    e = parse_event(m.value)
-                except EventError:
-                    continue
+            async for m, e in valid_events(stream):
                 n, z, s = rec.apply(e.user_id, e.item_id, e.event_type, e.ts)
                 msg = VectorMessage(e.user_id, bundle.model_id, n, e.ts, int(time.time() * 1000), z, s,
                                     f"{m.topic}[{m.partition}]@{m.offset}")

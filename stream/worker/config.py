@@ -55,10 +55,7 @@ class StreamConfig:
     ssl_cafile: str = ""
 
     def redacted(self) -> dict[str, Any]:
-        d = asdict(self)
-        if d["sasl_password"]:
-            d["sasl_password"] = "***"
-        return d
+        return {**asdict(self), **self.connection().redacted()}
 
     def connection(self) -> KafkaConnection:
         return KafkaConnection(self.brokers, self.security_protocol, self.sasl_mechanism,
