@@ -4,6 +4,7 @@ failed build (or a failed run) leaves the workdir's good build and summary as th
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,8 +21,8 @@ def _fake_build(work: Path, tag: str) -> dict[str, bytes]:
         "data/train.parquet": f"{tag} train events".encode(),
         "train/metrics.json": b'{"test": {}}',
         "train/best.pt": f"{tag} weights".encode(),
-        "model/manifest.json": ('{"model_id": "%s"}' % tag).encode(),
-        STATE_FILE: ('{"key": {"old": true}, "model_id": "%s"}' % tag).encode(),
+        "model/manifest.json": json.dumps({"model_id": tag}).encode(),
+        STATE_FILE: json.dumps({"key": {"old": True}, "model_id": tag}).encode(),
     }
     for rel, data in files.items():
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
