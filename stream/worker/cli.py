@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from clickvec.stream.worker import config as config_mod
-
 from clickvec.errors import ClickvecError
+from clickvec.stream.worker import config as config_mod
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,7 @@ def main(argv: list[str]) -> int:
         logging.getLogger(record.name).handle(record)
 
     import faust
+
     from clickvec.stream.worker.app import build_app
 
     app = build_app(cfg, bundle, partitions, brokers)
@@ -98,13 +98,13 @@ def _prepare(args: argparse.Namespace) -> tuple[config_mod.StreamConfig, Any, in
     settings, the model bundle (no connection is made for a bad path), the brokers
     (reachable, credentials, TLS), the input topic. Returns the resolved settings, the
     bundle, and the input topic's partition and the cluster's broker counts."""
+    from clickvec.bundle.reader import load_bundle
     from clickvec.stream.worker.app import ensure_topics
     from clickvec.stream.worker.probe import cluster_metadata
 
-    from clickvec.bundle.reader import load_bundle
-
     cfg = config_mod.resolve(args)
-    bundle = load_bundle(cfg.model, providers=cfg.providers, intra_op_threads=cfg.intra_op_threads)
+    bundle = load_bundle(cfg.model, providers=cfg.providers, intra_op_threads=cfg.intra_op_threads,
+                         trust=cfg.trust or None)
     md = cluster_metadata(cfg, debug=args.debug)
     partitions = ensure_topics(cfg, md)
     Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clickvec.stream.worker.config import StreamConfig
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from clickvec.errors import ClickvecError
+from clickvec.stream.worker.config import StreamConfig
 
 # librdkafka's local error codes (confluent_kafka exposes them only as private names).
 _AUTHENTICATION, _SSL, _INVALID_ARG, _UNKNOWN_PROTOCOL, _TRANSPORT, _RESOLVE = -169, -181, -186, -171, -195, -193
