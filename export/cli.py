@@ -1,4 +1,6 @@
-"""`clickvec export runs/NAME --out models/NAME [--fp16] [--int8]`: a verified model bundle."""
+"""`clickvec export runs/NAME --out models/NAME [--fp16] [--int8] [--sign KEY]`: a verified
+model bundle. `clickvec export keygen --out DIR` makes a signing key pair
+(clickvec/bundle/signing.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class ExportConfig:
     min_cosine: float
     seed: int
     force: bool
+    sign: str | None = None
 
 
 def parse_args(argv: list[str]) -> ExportConfig:
@@ -39,12 +42,20 @@ def parse_args(argv: list[str]) -> ExportConfig:
                    help=f"refuse a fp16/int8 encoder whose vectors fall below this cosine to float32 (default {MIN_COSINE})")
     p.add_argument("--seed", type=int, default=0, help="seed of the random parity sequences")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--sign", metavar="KEYFILE",
+                   help="Ed25519 private key (PEM): also write signature.json, which `clickvec stream "
+                        "--trust PUBKEY` requires (make a pair with `clickvec export keygen --out DIR`)")
     a = p.parse_args(argv)
-    return ExportConfig(a.run, a.out, a.fp16, a.int8, a.sequences, a.min_cosine, a.seed, a.force)
+    return ExportConfig(a.run, a.out, a.fp16, a.int8, a.sequences, a.min_cosine, a.seed, a.force, a.sign)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["keygen"] and not Path("keygen").exists():  # a run dir of that name wins
+        from clickvec.bundle.signing import main as signing_main
+
+        return signing_main(argv)
+    cfg = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("export config: %s", json.dumps(asdict(cfg)))
@@ -54,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         seqs = load_sequences(cfg.sequences) if cfg.sequences else None
         manifest = export_bundle(
             cfg.run, cfg.out, fp16=cfg.fp16, int8=cfg.int8, sequences=seqs,
-            min_cosine=cfg.min_cosine, seed=cfg.seed, force=cfg.force,
+            min_cosine=cfg.min_cosine, seed=cfg.seed, force=cfg.force, sign=cfg.sign,
         )
     except (ClickvecError, FileNotFoundError) as e:
         print(f"clickvec export: {e}", file=sys.stderr)
@@ -65,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         "variants": {k: v.get("cosine_to_fp32", {}).get("min", 1.0) for k, v in manifest["variants"].items()},
         "parity_max_abs_diff": manifest["parity"]["max_abs_diff_overall"],
     }
+    if cfg.sign:
+        summary["signed"] = str(Path(cfg.out) / "signature.json")
     print(json.dumps(summary, indent=1))
     if manifest["refused_variants"]:
         for v, why in manifest["refused_variants"].items():

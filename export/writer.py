@@ -2,7 +2,8 @@
 
 checkpoint -> step graph (onnx.checker) -> parity (fatal) -> files -> optional float16 /
 int8 encoders (each gated on vector cosine to float32) -> manifest (hashes, model id,
-figures), written to a temporary directory and moved into place only when complete.
+figures) -> optional signature.json (`sign`: an Ed25519 key, clickvec/bundle/signing.py),
+written to a temporary directory and moved into place only when complete.
 """
 
 from __future__ import annotations
@@ -93,15 +94,22 @@ def export_bundle(
     min_cosine: float = MIN_COSINE,
     seed: int = 0,
     force: bool = False,
+    sign: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Export the checkpoint at `run` (run directory or .pt) to a bundle directory `out`.
-    Returns the manifest. Raises ParityError (nothing written) if the graph is wrong."""
+    """Export the checkpoint at `run` (run directory or .pt) to a bundle directory `out`,
+    signed with the Ed25519 private key file `sign` when given. Returns the manifest.
+    Raises ParityError (nothing written) if the graph is wrong."""
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists: choose another --out or pass --force to replace it")
+    signing_key = None
+    if sign is not None:  # a bad key file fails now, not after the parity checks
+        from clickvec.bundle.signing import load_private_key
+
+        signing_key = load_private_key(sign)
     model, spec, payload = load_checkpoint(run)
     return write_bundle(model, spec, payload, out, fp16=fp16, int8=int8, sequences=sequences,
-                        min_cosine=min_cosine, seed=seed, source=str(run))
+                        min_cosine=min_cosine, seed=seed, source=str(run), signing_key=signing_key)
 
 
 def write_bundle(
@@ -116,6 +124,7 @@ def write_bundle(
     min_cosine: float = MIN_COSINE,
     seed: int = 0,
     source: str = "",
+    signing_key: Any = None,
 ) -> dict[str, Any]:
     model = model.eval()
     _check_sizes(model, spec)
@@ -142,6 +151,10 @@ def write_bundle(
             meta["model_id"] = compute_model_id(hashes, ENCODER_FILES[v])
         manifest = _manifest(model, spec, payload, proto, parity, variants, refused, files, source)
         (tmp / MANIFEST).write_bytes(seal_manifest(manifest))
+        if signing_key is not None:
+            from clickvec.bundle.signing import write_signature
+
+            write_signature(tmp, signing_key)
         tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by other users (the worker)
         if out.exists():
             shutil.rmtree(out)

@@ -136,6 +136,68 @@ def test_broker_cli_start_status_stop(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.broker
+@pytest.mark.slow
+def test_broker_cli_stop_then_start_keeps_topics_and_records(tmp_path: Path) -> None:
+    """Issue #14: a restart right after `stop` (the old connections still closing on
+    the broker's port) must reuse the dir's ports and data, never reformat it."""
+    from confluent_kafka import Producer
+    from conftest import create_topic
+
+    d = tmp_path / "kafka"
+    r = _cli("broker", "start", "--dir", str(d))
+    assert r.returncode == 0, r.stderr
+    bootstrap = [ln for ln in r.stdout.splitlines() if ln.startswith("bootstrap=")][-1].split("=", 1)[1]
+    try:
+        topic = create_topic(AdminClient({"bootstrap.servers": bootstrap}), partitions=1)
+        p = Producer({"bootstrap.servers": bootstrap})
+        for i in range(5):
+            p.produce(topic, key=b"k", value=f"record-{i}".encode())
+        assert p.flush(30) == 0
+        del p  # its retries would only add noise once the broker is down
+        assert len(consume_all(bootstrap, topic, 5, timeout=30)) == 5
+        cluster_id = (d / "data" / "meta.properties").read_text()
+    finally:
+        stop = _cli("broker", "stop", "--dir", str(d))
+    assert stop.returncode == 0, stop.stderr
+    again = _cli("broker", "start", "--dir", str(d))
+    try:
+        assert again.returncode == 0, again.stderr
+        assert f"bootstrap={bootstrap}" in again.stdout  # same ports
+        assert (d / "data" / "meta.properties").read_text() == cluster_id  # not reformatted
+        assert [m.value() for m in consume_all(bootstrap, topic, 5, timeout=30)] == [
+            f"record-{i}".encode() for i in range(5)
+        ]
+    finally:
+        assert _cli("broker", "stop", "--dir", str(d)).returncode == 0
+
+
+def test_broker_start_on_a_taken_port_fails_in_one_line_and_keeps_data(tmp_path: Path) -> None:
+    """A formatted dir whose port another process listens on: a clear error, never a
+    reformat (no broker starts: the check comes before the JVM)."""
+    import socket
+
+    from clickvec.devtools import broker
+    from clickvec.devtools.brokerconf import server_properties
+    from clickvec.devtools.proc import free_port
+
+    d = tmp_path / "kafka"
+    (d / "data").mkdir(parents=True)
+    (d / "data" / "meta.properties").write_text("cluster.id=keep-me\n")
+    (d / "data" / "t-0").mkdir()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        (d / "server.properties").write_text(server_properties(d, port, free_port(exclude=(port,))))
+        with pytest.raises(broker.BrokerError) as e:
+            broker.start(d)
+    assert f"port {port}" in str(e.value) and "--reset" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert (d / "data" / "meta.properties").read_text() == "cluster.id=keep-me\n"
+    assert (d / "data" / "t-0").is_dir()
+
+
 def test_token_bucket_paces() -> None:
     b = TokenBucket(rate=200, burst=1)
     t0 = time.monotonic()

@@ -2,6 +2,7 @@
   format   file names, the step graph's input/output names and shapes, hashing, the seal
   reader   `load_bundle`: check every file against the manifest, open a `Bundle`
   runtime  `StepSession`: the ONNX Runtime session of the step graph, CUDA or CPU
+  signing  optional Ed25519 signature over the manifest (`--sign` / `--trust`; needs `cryptography`)
 The writer is on the export side (`clickvec.export.writer`).
 
 Imports numpy, onnxruntime and clickvec only — never torch — because the stream worker
@@ -16,6 +17,7 @@ A bundle directory holds:
   item_bias.npy           float32 (n_items,)             } score = (W z + b) . emb + bias
   item_proj_weight.npy    float32 (item_dim, z_dim) W    /
   item_proj_bias.npy      float32 (item_dim,)       b   /
+  signature.json          optional: key id and Ed25519 signature of manifest.json (not listed in it)
 
 Usage:
     from clickvec.bundle.reader import load_bundle

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------- verification
 
 
-def _verified_manifest(path: Path) -> dict[str, Any]:
+def _verified_manifest(path: Path) -> tuple[dict[str, Any], bytes]:
+    """The parsed manifest and its exact bytes (what a signature covers)."""
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"{path} is not a model bundle: {MANIFEST} is missing")
@@ -55,7 +56,7 @@ def _verified_manifest(path: Path) -> dict[str, Any]:
     # and it is in canonical form.
     if raw != seal_manifest(manifest):
         raise BundleError(f"{mpath} was modified after export (its digest does not match)")
-    return manifest
+    return manifest, raw
 
 
 def _read_verified(path: Path, name: str, expected: dict[str, Any]) -> bytes:
@@ -148,20 +149,18 @@ class Bundle:
         return self.item_query(z) @ self.item_embeddings.T + self.item_bias
 
 
-def load_bundle(
-    path: str | Path,
-    providers: str | Sequence[str] = "auto",
-    *,
-    variant: str = "fp32",
-    intra_op_threads: int = 0,
-    allow_spinning: bool = True,
-    io_binding: bool | None = None,
-    warmup: bool = True,
-) -> Bundle:
-    """Verify every file of the bundle at `path` against its manifest, then open the
-    chosen encoder variant. Raises `BundleError` on anything that does not match."""
+def verify_bundle(path: str | Path, *, trust: str | Path | None = None,
+                  variant: str = "fp32") -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Check the bundle at `path`: its sealed manifest, with `trust` (a public key file)
+    its signature by that key, every listed file's sha256 and the model ids. Returns
+    the manifest and the files' bytes; raises `BundleError` on anything that does not match."""
     path = Path(path)
-    manifest = _verified_manifest(path)
+    manifest, raw = _verified_manifest(path)
+    if trust is not None:
+        # Before the files: the signature vouches for the hashes they are checked against.
+        from clickvec.bundle.signing import verify_signature
+
+        log.info("bundle %s is signed by trusted key %s", path, verify_signature(path, raw, trust))
     variants = manifest.get("variants", {})
     if variant not in variants:
         raise BundleError(
@@ -184,6 +183,25 @@ def load_bundle(
             raise BundleError(f"bundle {path}: the {v} model id does not match its content; re-export it")
     if manifest.get("model_id") != variants["fp32"]["model_id"]:
         raise BundleError(f"bundle {path}: model_id does not match its content; re-export it")
+    return manifest, data
+
+
+def load_bundle(
+    path: str | Path,
+    providers: str | Sequence[str] = "auto",
+    *,
+    variant: str = "fp32",
+    intra_op_threads: int = 0,
+    allow_spinning: bool = True,
+    io_binding: bool | None = None,
+    warmup: bool = True,
+    trust: str | Path | None = None,
+) -> Bundle:
+    """Verify every file of the bundle at `path` against its manifest (`verify_bundle`;
+    with `trust`, a public key file, also its signature by that key), then open the
+    chosen encoder variant. Raises `BundleError` on anything that does not match."""
+    path = Path(path)
+    manifest, data = verify_bundle(path, trust=trust, variant=variant)
     try:
         spec = FeatureSpec.from_json(json.loads(data[VOCAB]))
     except (ValueError, TypeError, AttributeError) as e:

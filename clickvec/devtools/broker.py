@@ -187,24 +187,49 @@ def _wait_ready(b: Broker, timeout: float) -> None:
 
 
 def _prepare_dir(data_dir: Path, port: int, controller_port: int,
-                 extra_properties: dict[str, str] | None) -> tuple[int, int, bool]:
-    """Reuse a formatted dir whose ports are still free and match the request;
-    otherwise write a fresh server.properties. Returns (port, controller port, reused)."""
+                 extra_properties: dict[str, str] | None, reset: bool) -> tuple[int, int, bool]:
+    """Ports for the broker in `data_dir` and whether its storage is already formatted.
+
+    A formatted dir keeps its data, cluster id and ports: only `reset` deletes them.
+    When its ports cannot be used, fail in one line rather than reformat."""
     props_path = data_dir / "server.properties"
-    old = read_ports(props_path) if (data_dir / "data" / "meta.properties").is_file() else None
-    if (old is not None and port in (0, old[0]) and controller_port in (0, old[1])
-            and port_free(old[0]) and port_free(old[1]) and not extra_properties):
+    data = data_dir / "data"
+    if reset:
+        log.warning("--reset: deleting the broker data in %s", data)
+        shutil.rmtree(data, ignore_errors=True)
+    if (data / "meta.properties").is_file():
+        port, controller_port = _reuse_ports(data_dir, port, controller_port)
+        if extra_properties:  # settings may change between starts; storage stays
+            props_path.write_text(server_properties(data_dir, port, controller_port, extra_properties))
         log.info("reusing formatted broker dir %s", data_dir)
-        return old[0], old[1], True
+        return port, controller_port, True
+    if data.is_dir() and any(data.iterdir()):
+        raise BrokerError(f"{data} holds files but no meta.properties; move it away, or start "
+                          "with --reset to delete it")
     try:
         port = port or free_port()
         controller_port = controller_port or free_port(exclude=(port,))
     except OSError as e:
         raise BrokerError(str(e)) from e
-    # A formatted dir keeps its cluster id and voter endpoints: start fresh.
-    shutil.rmtree(data_dir / "data", ignore_errors=True)
     props_path.write_text(server_properties(data_dir, port, controller_port, extra_properties))
     return port, controller_port, False
+
+
+def _reuse_ports(data_dir: Path, port: int, controller_port: int) -> tuple[int, int]:
+    """The ports a formatted dir was started with: its controller's address is part of
+    its metadata (a standalone KRaft voter), so a new port would need a new format."""
+    old = read_ports(data_dir / "server.properties")
+    hint = "or start with --reset to delete this broker's data"
+    if old is None:
+        raise BrokerError(f"{data_dir / 'server.properties'} names no listener ports; restore it, {hint}")
+    if port not in (0, old[0]) or controller_port not in (0, old[1]):
+        raise BrokerError(f"broker dir {data_dir} uses ports {old[0]}/{old[1]}, not "
+                          f"{port or old[0]}/{controller_port or old[1]}; drop --port, {hint}")
+    for p in old:
+        if not port_free(p):
+            raise BrokerError(f"port {p} of the broker in {data_dir} is in use by another process; "
+                              f"stop that process, {hint}")
+    return old
 
 
 def start(
@@ -216,11 +241,12 @@ def start(
     extra_properties: dict[str, str] | None = None,
     die_with_parent: bool = True,
     foreground: bool = False,
+    reset: bool = False,
 ) -> Broker:
     """Start a single-node KRaft broker whose files live in `data_dir`; return once a
     client can list topics. `port=0` picks free ports. A dir formatted by an earlier
-    start is reused (its data kept) when its ports are still free and match `port`;
-    otherwise it is reformatted from scratch.
+    start is reused with its ports, cluster id and data; a BrokerError says so when
+    that cannot be done. Only `reset=True` deletes its data (and then picks new ports).
 
     `die_with_parent` (Linux) SIGTERMs the broker when the *thread* that called `start`
     exits, so a killed test run leaves no JVM behind; call it from a long-lived thread,
@@ -228,7 +254,7 @@ def start(
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     libs = fetch_jars()
-    port, controller_port, reused = _prepare_dir(data_dir, port, controller_port, extra_properties)
+    port, controller_port, reused = _prepare_dir(data_dir, port, controller_port, extra_properties, reset)
     props_path = data_dir / "server.properties"
     log_dir = data_dir / "logs"
     log_dir.mkdir(exist_ok=True)
@@ -283,6 +309,8 @@ def _parser() -> argparse.ArgumentParser:
     ps.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the broker")
     ps.add_argument("--heap", default="512m")
     ps.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the broker")
+    ps.add_argument("--reset", action="store_true",
+                    help="delete the broker's data (topics, records) and format it afresh")
     for name, help_ in (("stop", "stop the broker recorded in --dir"), ("status", "is it running?")):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--dir", type=Path, default=DEFAULT_DIR)
@@ -317,7 +345,7 @@ def _start(args: argparse.Namespace) -> int:
         log.info("broker already running (pid %d)", old.pid)
         return 0
     b = start(args.dir, port=args.port, controller_port=args.controller_port, timeout=args.timeout,
-              heap=args.heap, die_with_parent=False, foreground=args.foreground)
+              heap=args.heap, die_with_parent=False, foreground=args.foreground, reset=args.reset)
     write_state(b)
     print(f"bootstrap={b.bootstrap}", flush=True)
     if not args.foreground:

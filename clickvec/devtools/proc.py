@@ -28,7 +28,11 @@ def free_port(exclude: Sequence[int] = ()) -> int:
 
 
 def port_free(port: int) -> bool:
+    """True when a server could listen on `port` now. SO_REUSEADDR as the JVM's (and
+    most servers') listening sockets set it: connections of a server that just stopped
+    linger in TIME_WAIT for up to a minute, and without it they read as "taken"."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 # A child's log line in clickvec.logsetup's text format: the message is shown on screen.
 _LOG_LINE = re.compile(r"^\S+ \S+ (INFO|WARNING|ERROR|CRITICAL) \S+: (.*)$")
 _SHOWN_CHARS = 140
+# What a build is made of, in the workdir: events, training run, bundle, and its key.
+BUILD_PARTS = ("data", "train", "model")
+STATE_FILE = "build.json"
 
 
 @dataclass
@@ -153,34 +156,63 @@ def _write_events(cfg: RunConfig, events: Path, train_events: Path) -> Any:
     return table
 
 
+def swap_in(stage: Path, work: Path) -> None:
+    """Replace the build in `work` with the complete one in `stage`. build.json leaves
+    first and arrives last: a crash half-way leaves no build.json, so the next run
+    rebuilds instead of reusing a mix of two builds."""
+    old = work / ".build-old"
+    shutil.rmtree(old, ignore_errors=True)
+    old.mkdir()
+    for name in (STATE_FILE, *BUILD_PARTS):
+        if (work / name).exists():
+            (work / name).rename(old / name)
+    for name in (*BUILD_PARTS, STATE_FILE):
+        (stage / name).rename(work / name)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _fresh_build(cfg: RunConfig, work: Path, key: dict[str, Any]) -> Any:
+    """Events, training run and bundle built in WORK/.build-next, swapped in only when
+    all of them succeeded: a failed build leaves the previous good one in place."""
+    stage = work / ".build-next"
+    shutil.rmtree(stage, ignore_errors=True)  # left by a build that was killed
+    stage.mkdir(parents=True)
+    try:
+        data_dir, run_dir, bundle = (stage / name for name in BUILD_PARTS)
+        table = _write_events(cfg, data_dir / "events.parquet", data_dir / "train.parquet")
+        run_stage("train", clickvec_command("train", "--data", str(data_dir / "train.parquet"),
+                                            "--out", str(run_dir), "--no-progress", "--seed", str(cfg.seed),
+                                            *train_flags(cfg)), work / "logs")
+        run_stage("export", clickvec_command("export", str(run_dir), "--out", str(bundle), "--force"),
+                  work / "logs")
+        model_id = json.loads((bundle / "manifest.json").read_text())["model_id"]
+        (stage / STATE_FILE).write_text(json.dumps({"key": key, "model_id": model_id, "built_at": time.time()},
+                                                   indent=2) + "\n")
+        swap_in(stage, work)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return table
+
+
 def build(cfg: RunConfig, work: Path) -> Build:
     """Events, training run and bundle in `work`; reused when build.json matches."""
     from clickvec.eventfile import read_table
 
     t0 = time.monotonic()
-    data_dir, run_dir, bundle, logs = work / "data", work / "train", work / "model", work / "logs"
+    data_dir, run_dir, bundle = (work / name for name in BUILD_PARTS)
     events, train_events = data_dir / "events.parquet", data_dir / "train.parquet"
     key = build_key(cfg)
-    state_path = work / "build.json"
     old = None
     with contextlib.suppress(OSError, ValueError):
-        old = json.loads(state_path.read_text())
+        old = json.loads((work / STATE_FILE).read_text())
     reuse = (old is not None and old.get("key") == key and (bundle / "manifest.json").is_file()
              and (run_dir / "metrics.json").is_file() and events.is_file())
     if reuse:
         log.info("reusing the build in %s (same config): model %s", work, old["model_id"][:12])
         table = read_table(events)
     else:
-        state_path.unlink(missing_ok=True)
-        for d in (run_dir, bundle):
-            shutil.rmtree(d, ignore_errors=True)
-        table = _write_events(cfg, events, train_events)
-        run_stage("train", clickvec_command("train", "--data", str(train_events), "--out", str(run_dir),
-                                            "--no-progress", "--seed", str(cfg.seed), *train_flags(cfg)), logs)
-        run_stage("export", clickvec_command("export", str(run_dir), "--out", str(bundle), "--force"), logs)
+        table = _fresh_build(cfg, work, key)
     model_id = json.loads((bundle / "manifest.json").read_text())["model_id"]
-    if not reuse:
-        state_path.write_text(json.dumps({"key": key, "model_id": model_id, "built_at": time.time()},
-                                          indent=2) + "\n")
     return Build(events, train_events, run_dir, bundle, model_id, reuse,
                  round(time.monotonic() - t0, 2), _labels(table), training_summary(run_dir))

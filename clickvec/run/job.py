@@ -124,7 +124,12 @@ class Job:
         summary.update(figures(self))
         summary["ended_at"] = time.time()
         summary["stopped_by"] = stopped_by
-        write_summary(self.work, summary)
+        if "error" in summary and "paths" in summary:
+            summary["paths"].update(summary_json=str(self.work / "run_summary.failed.json"),
+                                    summary_md=str(self.work / "run_summary.failed.md"))
+        path = write_summary(self.work, summary)
+        if "error" in summary:
+            log.warning("this run failed: its summary is %s (the last good run's is kept)", path)
         return summary
 
     def _build_while_broker_starts(self) -> Build:

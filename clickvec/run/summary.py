@@ -152,9 +152,15 @@ def summary_markdown(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(work: Path, s: dict[str, Any]) -> None:
-    path = work / "run_summary.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(s, indent=2, default=str) + "\n")
-    tmp.replace(path)
-    (work / "run_summary.md").write_text(summary_markdown(s))
+def write_summary(work: Path, s: dict[str, Any]) -> Path:
+    """run_summary.{json,md}; a failed run's go to run_summary.failed.{json,md}, so the
+    summary of the last good run (which describes the build still in place) stays."""
+    name = "run_summary.failed" if "error" in s else "run_summary"
+    if "error" not in s:
+        for ext in (".json", ".md"):  # a later good run makes an old failure moot
+            (work / f"run_summary.failed{ext}").unlink(missing_ok=True)
+    for ext, text in ((".json", json.dumps(s, indent=2, default=str) + "\n"), (".md", summary_markdown(s))):
+        tmp = work / f"{name}{ext}.tmp"
+        tmp.write_text(text)
+        tmp.replace(work / f"{name}{ext}")
+    return work / f"{name}.json"

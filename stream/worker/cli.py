@@ -103,7 +103,8 @@ def _prepare(args: argparse.Namespace) -> tuple[config_mod.StreamConfig, Any, in
     from clickvec.stream.worker.probe import cluster_metadata
 
     cfg = config_mod.resolve(args)
-    bundle = load_bundle(cfg.model, providers=cfg.providers, intra_op_threads=cfg.intra_op_threads)
+    bundle = load_bundle(cfg.model, providers=cfg.providers, intra_op_threads=cfg.intra_op_threads,
+                         trust=cfg.trust or None)
     md = cluster_metadata(cfg, debug=args.debug)
     partitions = ensure_topics(cfg, md)
     Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)

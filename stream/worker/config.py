@@ -53,6 +53,9 @@ class StreamConfig:
     sasl_username: str = ""
     sasl_password: str = ""
     ssl_cafile: str = ""
+    # Public key file (PEM, Ed25519): refuse a model bundle unless signed by this key.
+    # "": no signature needed (the file hashes still catch damage, but not forgery).
+    trust: str = ""
 
     def redacted(self) -> dict[str, Any]:
         return {**asdict(self), **self.connection().redacted()}
