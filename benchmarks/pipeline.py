@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             from clickvec.devtools import broker as broker_mod
 
-            broker = broker_mod.start(work / "kafka")
+            broker = broker_mod.start(work / "kafka", reset=True)  # a fresh broker per run
             bootstrap = broker.bootstrap
         try:
             bundle = common.make_bundle(work)

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="clickvec-recovery-") as d:
         work = Path(d)
-        b = None if a.bootstrap else broker.start(work / "kafka")
+        b = None if a.bootstrap else broker.start(work / "kafka", reset=True)  # a fresh broker per run
         bootstrap = a.bootstrap or b.bootstrap
         try:
             bundle_path = common.make_bundle(work)
