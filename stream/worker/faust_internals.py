@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -103,17 +103,23 @@ class FetchChain:
         self.last: dict[int, int] = {}
         self.generation: int | None = None
 
-    def link(self, generation: int, partition: int, offsets: Iterable[int], skips: dict[tuple[int, int], int]) -> None:
+    def link(self, generation: int, partition: int, offsets: Sequence[int], skips: dict[tuple[int, int], int]) -> None:
         if generation != self.generation:
             self.last.clear()
             self.generation = generation
+        if not offsets:
+            return
         prev = self.last.get(partition)
-        for off in offsets:
-            if prev is not None and off > prev + 1:
-                skips[(partition, off)] = prev
-            prev = off
-        if prev is not None:
-            self.last[partition] = prev
+        if offsets[-1] - offsets[0] + 1 == len(offsets):
+            # A contiguous fetch (the usual case): only its start can follow a gap.
+            if prev is not None and offsets[0] > prev + 1:
+                skips[(partition, offsets[0])] = prev
+        else:
+            for off in offsets:
+                if prev is not None and off > prev + 1:
+                    skips[(partition, off)] = prev
+                prev = off
+        self.last[partition] = offsets[-1]
 
     def broken(self) -> None:
         """Records were dropped: no later record links to an earlier one."""
@@ -180,7 +186,7 @@ async def _drain_one(app: Any, consumer: Any, topic: str, records: Any, active: 
         floor = read_offset[tp]
         kept = [r for r in recs if floor is None or r.offset >= floor]
         batch.extend(Record(r.key, r.value, topic, partition, r.offset) for r in kept)
-        chain.link(generation, partition, (r.offset for r in kept), skips)
+        chain.link(generation, partition, [r.offset for r in kept], skips)
         if recs:
             read_offset[tp] = recs[-1].offset
     for tp, recs in others:
