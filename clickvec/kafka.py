@@ -188,11 +188,6 @@ def add_kafka_arguments(parser: argparse.ArgumentParser, brokers_required: bool 
     g.add_argument("--ssl-cafile", default=None, help="CA bundle (PEM) to verify the brokers (default: none)")
 
 
-def kafka_client_config(args: argparse.Namespace) -> dict[str, Any]:
-    """librdkafka settings for the connection flags in `args`."""
-    return KafkaConnection.from_args(args).client_config()
-
-
 def produce_waiting(producer: Any, topic: str, key: bytes | None, value: bytes | None,
                     on_delivery: Any = None, wait: float = 0.05, partition: int | None = None) -> None:
     """`producer.produce`, waiting for deliveries to drain while its local queue is full.

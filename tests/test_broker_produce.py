@@ -18,7 +18,7 @@ from kafka_util import consume_all
 
 from clickvec.contract.events import ClickEvent, parse_event
 from clickvec.devtools.produce import TokenBucket, produce_events
-from clickvec.kafka import add_kafka_arguments, kafka_client_config
+from clickvec.kafka import KafkaConnection, add_kafka_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -227,7 +227,7 @@ def test_kafka_client_config(
     monkeypatch.delenv("CLICKVEC_SASL_PASSWORD", raising=False)
     p = argparse.ArgumentParser()
     add_kafka_arguments(p)
-    assert kafka_client_config(p.parse_args(["--brokers", "h:1", *flags])) == want
+    assert KafkaConnection.from_args(p.parse_args(["--brokers", "h:1", *flags])).client_config() == want
     if "ssl.ca.location" not in want:  # librdkafka opens the CA file at creation
         from confluent_kafka import Producer
 
