@@ -52,6 +52,8 @@ def ensure_topics(cfg: StreamConfig, md: Any = None) -> int:
     n = len(md.topics[cfg.in_topic].partitions)
     for topic in (cfg.out_topic, cfg.dlq_topic):
         conn.ensure_topic(topic, n)
+    if cfg.latest_topic:
+        conn.ensure_topic(cfg.latest_topic, n, config={"cleanup.policy": "compact"})
     return n
 
 
@@ -107,7 +109,9 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
     if partitions is None or brokers is None:
         md = AdminClient(cfg.librdkafka()).list_topics(timeout=30)
         partitions, brokers = ensure_topics(cfg, md), len(md.brokers)
-    engine = Engine(bundle, EngineConfig(emit=cfg.emit, encoding=cfg.encoding, state_dtype=cfg.state_dtype))
+    engine = Engine(bundle, EngineConfig(emit=cfg.emit, encoding=cfg.encoding, state_dtype=cfg.state_dtype,
+                                         latest=bool(cfg.latest_topic), state_ttl_ms=cfg.state_ttl_ms,
+                                         ttl_scan=cfg.state_ttl_scan))
     metrics = Metrics()
     app = _faust_app(cfg, partitions, changelog_replicas(cfg, brokers))
     faust_internals.check(app.consumer)
@@ -133,7 +137,7 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
     feed = BatchFeed(app, cfg.in_topic, cfg.max_batch, cfg.max_wait)
     feed.install(app.consumer)
     pipeline = Pipeline(app, cfg, engine, TableStore(table, cfg.librdkafka()),
-                        Sink(cfg.librdkafka(), cfg.out_topic, cfg.dlq_topic),
+                        Sink(cfg.librdkafka(), cfg.out_topic, cfg.dlq_topic, cfg.latest_topic),
                         Continuity(cfg.librdkafka(), cfg.in_topic, cfg.group, on_filled=filled, on_passed=passed),
                         feed, metrics)
     views = Views(app, cfg, bundle, metrics, pipeline)

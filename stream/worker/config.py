@@ -56,6 +56,19 @@ class StreamConfig:
     # Public key file (PEM, Ed25519): refuse a model bundle unless signed by this key.
     # "": no signature needed (the file hashes still catch damage, but not forgery).
     trust: str = ""
+    # -- forgetting users: state TTL and the latest-vector topic (engine.py, table.py) --
+    # Users idle longer than this in event time ("7d", "12h", "3600s", "500ms"; "": never)
+    # are deleted from the state and the changelog, a bounded share per batch.
+    state_ttl: str = ""
+    state_ttl_scan: int = 1000  # stored values the TTL examines per batch (its work per batch)
+    # Compacted topic (created with cleanup.policy=compact) of each user's latest vector,
+    # key = user id, in the vector topic's encoding; forgotten/expired users get a
+    # tombstone there. "": none.
+    latest_topic: str = ""
+
+    @property
+    def state_ttl_ms(self) -> int:
+        return parse_duration_ms(self.state_ttl) if self.state_ttl else 0
 
     def redacted(self) -> dict[str, Any]:
         return {**asdict(self), **self.connection().redacted()}
@@ -70,6 +83,20 @@ class StreamConfig:
 
 
 _FIELDS = {f.name: f for f in fields(StreamConfig)}
+_DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration_ms(text: str) -> int:
+    """"7d", "12h", "30m", "3600s", "500ms" (or a bare number of seconds) -> milliseconds."""
+    t = text.strip().lower()
+    unit = next((u for u in ("ms", "s", "m", "h", "d") if t.endswith(u)), "")
+    try:
+        value = float(t[: len(t) - len(unit)] if unit else t)
+    except ValueError:
+        raise ValueError(f"duration {text!r}: use a number with ms, s, m, h or d, e.g. 7d or 3600s") from None
+    if value <= 0:
+        raise ValueError(f"duration {text!r} must be positive")
+    return int(value * _DURATION_UNITS[unit or "s"])
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -112,4 +139,10 @@ def resolve(args: argparse.Namespace | None = None, env: dict[str, str] | None =
         raise ValueError("encoding must be json, f16 or i8")
     if cfg.state_dtype not in ("f32", "f16"):
         raise ValueError("state_dtype must be f32 or f16")
+    if cfg.state_ttl:
+        parse_duration_ms(cfg.state_ttl)
+    if cfg.state_ttl_scan < 1:
+        raise ValueError("state_ttl_scan must be >= 1")
+    if cfg.latest_topic and cfg.latest_topic in (cfg.in_topic, cfg.out_topic, cfg.dlq_topic):
+        raise ValueError("latest_topic must be a topic of its own (it is compacted)")
     return cfg

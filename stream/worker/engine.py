@@ -4,11 +4,36 @@ call, state values, vector messages and dead letters out.
 The worker's pipeline (pipeline.py) feeds it the batches of feed.py; tests and
 benchmarks feed it directly. State is reached through `StateStore`, so the same code
 runs on the Faust table (RocksDB + changelog) and on a dict.
+
+Forgetting a user. A tombstone (a record with a null value) keyed by a user id erases
+the user: the state becomes an *erased marker* (state.py: the tombstone's partition and
+offset, no behaviour) written to RocksDB and the changelog, and a tombstone (key = user
+id, value null) is published on the vector topic (and the latest-vector topic), after
+the vectors that came before it. Within one batch, in the input partition's order:
+events before the tombstone are applied and their vectors published, then erased (their
+state is never stored); events after it start from a fresh state (seq 1, as if the user
+were new). So what is published does not depend on where the batches are cut.
+
+Why a marker and not nothing: the batch's events are acked only after its states are
+stored. A crash in between brings the batch back; with no state left, events before the
+tombstone would be applied again and bring the user back. The marker's offset makes them
+replays, as a state's offset does; a re-delivered tombstone is a replay too (idempotent).
+The marker is replaced by the user's next event, and expires with the state TTL
+(`state_ttl_ms`) like any idle state; its event time is the worker's event-time
+watermark when it was written. A tombstone for a user without state writes nothing to
+the state (nothing to erase) but still publishes the output tombstones.
+
+State TTL (`state_ttl_ms` > 0, event time): each batch asks the store for at most
+`ttl_scan` stored values (a cursor per RocksDB partition, table.py) whose last event time
+is older than the watermark (the largest event time this worker has seen) minus the TTL,
+and deletes them like a forget, except that an expired marker publishes nothing. A user
+evicted by the TTL gets a tombstone on the vector topic as a forgotten one does: its
+next event starts again at seq 1, and a tombstone tells readers to drop what they hold,
+so that seq 1 is not mistaken for a replay.
 """
 
 from __future__ import annotations
 
-import abc
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -27,93 +52,57 @@ from clickvec.contract.messages import (
     vector_json_source,
 )
 from clickvec.features import gap_bucket
-from clickvec.stream.worker.state import StateError, UserState, model_id_prefix
+from clickvec.stream.worker.state import (
+    StateError,
+    UserState,
+    erased_marker,
+    is_erased,
+    last_ts_of,
+    marker_position,
+    model_id_prefix,
+)
+from clickvec.stream.worker.store import MemoryStateStore, PendingStates, Record, StateStore
 
 log = logging.getLogger(__name__)
+
+# Record and the stores live in store.py; importing them from here keeps working.
+__all__ = ["BatchResult", "Engine", "EngineConfig", "MemoryStateStore", "PendingStates", "Record", "StateStore",
+           "records_from"]
 
 EMIT_POLICIES = ("every", "latest")
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One consumed Kafka message."""
-
-    key: bytes | None
-    value: bytes | None
-    topic: str
-    partition: int
-    offset: int
-
-
-class StateStore(abc.ABC):
-    """Where per-user state values live. `record` is the event whose partition owns the key."""
-
-    @abc.abstractmethod
-    def get(self, user_id: str, record: Record) -> bytes | None: ...
-
-    @abc.abstractmethod
-    def put(self, user_id: str, value: bytes, record: Record) -> None: ...
-
-    def put_many(self, states: Iterable[tuple[str, bytes, Record]]) -> None:
-        """Write several (user_id, value, record) states; stores that can batch writes do."""
-        for user_id, value, record in states:
-            self.put(user_id, value, record)
-
-
-class MemoryStateStore(StateStore):
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-
-    def get(self, user_id: str, record: Record) -> bytes | None:
-        return self.data.get(user_id)
-
-    def put(self, user_id: str, value: bytes, record: Record) -> None:
-        self.data[user_id] = value
-
-
-class PendingStates(StateStore):
-    """States of batches that are processed but not yet stored (their outputs are still
-    on the way to the brokers), seen by the batches processed after them.
-
-    `hold` makes a batch's states visible; `release` drops them once the batch's states
-    are in `base` (unless a later batch has replaced them)."""
-
-    def __init__(self, base: StateStore) -> None:
-        self.base = base
-        self._pending: dict[str, tuple[bytes, int]] = {}
-
-    def get(self, user_id: str, record: Record) -> bytes | None:
-        held = self._pending.get(user_id)
-        return held[0] if held is not None else self.base.get(user_id, record)
-
-    def put(self, user_id: str, value: bytes, record: Record) -> None:
-        self.base.put(user_id, value, record)
-
-    def hold(self, result: BatchResult, batch: int) -> None:
-        for uid, value, _ in result.states:
-            self._pending[uid] = (value, batch)
-
-    def release(self, result: BatchResult, batch: int) -> None:
-        for uid, _, _ in result.states:
-            held = self._pending.get(uid)
-            if held is not None and held[1] == batch:
-                del self._pending[uid]
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-
 @dataclass(slots=True)
 class BatchResult:
-    outputs: list[tuple[bytes, bytes]] = field(default_factory=list)  # (key, value) to the vector topic
+    # (key, value) to the vector topic; value None: a tombstone (user forgotten or expired)
+    outputs: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     dead: list[tuple[bytes | None, bytes, str]] = field(default_factory=list)  # (key, value, reason)
-    states: list[tuple[str, bytes, Record]] = field(default_factory=list)  # to write after outputs are delivered
+    # to write after outputs are delivered; value None: delete the user's state
+    states: list[tuple[str, bytes | None, Record]] = field(default_factory=list)
+    # to the latest-vector topic (EngineConfig.latest): each user's last output of the batch
+    latest: dict[bytes, bytes | None] = field(default_factory=dict)
     applied: int = 0
     replayed: int = 0
     users: int = 0
     state_resets: int = 0
     infer_s: float = 0.0
     event_ts: list[int] = field(default_factory=list)  # event time of each applied event
+    forgotten: int = 0  # tombstones applied
+    evicted: int = 0  # states and markers deleted by the TTL
+
+
+_Item = tuple[ClickEvent | None, Record]  # an event, or (None, tombstone)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One user's part of a batch (Engine._plan)."""
+
+    uid: str
+    raw: bytes | None  # the stored value
+    start: UserState  # what the first segment applies to
+    # events between tombstones, each with the tombstone that ends it (None: the last)
+    segments: list[tuple[list[tuple[ClickEvent, Record]], Record | None]]
 
 
 @dataclass(frozen=True)
@@ -126,6 +115,9 @@ class EngineConfig:
     # catalogue, whose cost per user grows once a call holds more users than this on CPU
     # (benchmarks/README.md): a larger batch runs as several calls.
     max_call_batch: int = 128
+    latest: bool = False  # fill BatchResult.latest (a latest-vector topic is configured)
+    state_ttl_ms: int = 0  # event time a user may stay idle before its state is deleted; 0: forever
+    ttl_scan: int = 1000  # stored values examined per batch for the TTL
 
 
 class Engine:
@@ -139,6 +131,7 @@ class Engine:
         self.hidden = int(bundle.hidden)
         self.model_id = str(bundle.model_id)
         self.prefix = model_id_prefix(self.model_id)
+        self.watermark = -1  # the largest event time seen (the state TTL's clock)
 
     # ------------------------------------------------------------------ parsing
     def _parse(self, rec: Record, result: BatchResult) -> ClickEvent | None:
@@ -167,67 +160,165 @@ class Engine:
 
     # ------------------------------------------------------------------ the batch
     def process(self, records: Sequence[Record], store: StateStore) -> BatchResult:
+        """Apply a batch: events, tombstones (the module docstring), then the TTL's share."""
         result = BatchResult()
-        per_user: dict[str, list[tuple[ClickEvent, Record]]] = {}
+        per_user = self._group(records, result)
+        plans = [p for uid, items in per_user.items() if (p := self._plan(uid, items, store, result)) is not None]
+        # Round r runs every user's r-th segment (the events between two of its
+        # tombstones); a user's tombstone is published after the vectors before it and
+        # before those after it. Almost every batch has one round.
+        for r in range(max((len(p.segments) for p in plans), default=0)):
+            users: list[str] = []
+            states: list[UserState] = []
+            pending: list[list[tuple[ClickEvent, Record]]] = []
+            keep: list[bool] = []
+            for p in plans:
+                if r < len(p.segments) and p.segments[r][0]:
+                    events, tomb = p.segments[r]
+                    users.append(p.uid)
+                    states.append(p.start if r == 0 else self._fresh_after(p.segments[r - 1][1]))
+                    pending.append(events)
+                    # Only the user's last segment is stored: earlier ones are erased.
+                    keep.append(tomb is None)
+            if users:
+                self._call(users, states, pending, keep, store, result)
+                if r == 0:
+                    result.users = len(users)
+            for p in plans:
+                if r < len(p.segments) and p.segments[r][1] is not None:
+                    self._forget(p, r, result)
+        self._expire(store, result, per_user)
+        return result
+
+    def _group(self, records: Sequence[Record], result: BatchResult) -> dict[str, list[_Item]]:
+        """Each user's events and tombstones, in the batch's order; bad records dead-lettered."""
+        per_user: dict[str, list[_Item]] = {}
+        wm = self.watermark
         for rec in records:
+            if rec.value is None:
+                uid = self._tombstone_user(rec, result)
+                if uid is not None:
+                    per_user.setdefault(uid, []).append((None, rec))
+                continue
             ev = self._parse(rec, result)
             if ev is not None:
                 per_user.setdefault(ev.user_id, []).append((ev, rec))
-        if not per_user:
-            return result
+                if ev.ts > wm:
+                    wm = ev.ts
+        self.watermark = wm
+        return per_user
 
-        users: list[str] = []
-        states: list[UserState] = []
-        pending: list[list[tuple[ClickEvent, Record]]] = []
-        for uid, evs in per_user.items():
-            raw = store.get(uid, evs[0][1])
-            st = None
-            if raw is not None:
-                try:
-                    st = UserState.unpack(raw, self.layers, self.hidden)
-                except StateError as e:
-                    log.error("user %r: unreadable state (%s); starting from a fresh state", uid, e)
-            stored_ok = st is not None and st.model_prefix == self.prefix
-            if not stored_ok:
-                if st is not None:
-                    result.state_resets += 1
-                st = UserState.fresh(self.prefix, self.layers, self.hidden) if st is None else UserState(
-                    self.prefix, st.seq, st.partition, st.offset, -1,
-                    np.zeros((self.layers, self.hidden), np.float32),
-                    np.zeros((self.layers, self.hidden), np.float32))
-            # Replays against the stored state *and* within the batch: a record can come
-            # twice in one batch (read back over a hole and also delivered by the consumer
-            # after it seeks back); only offsets beyond the last applied one are new.
-            new = []
-            last_p, last_o = st.partition, st.offset
-            for ev, rec in evs:
-                if rec.partition == last_p and rec.offset <= last_o:
-                    continue
-                new.append((ev, rec))
-                last_p, last_o = rec.partition, rec.offset
-            result.replayed += len(evs) - len(new)
-            if new:
-                users.append(uid)
-                states.append(st)
-                pending.append(new)
-            elif stored_ok and raw is not None:
+    def _tombstone_user(self, rec: Record, result: BatchResult) -> str | None:
+        """The user a tombstone forgets: its key (the input's key is the user id)."""
+        if not rec.key:
+            self._dead(rec, "empty_message", "a tombstone (null value) needs the user id as its key", result)
+            return None
+        return rec.key.decode("utf-8", "replace")
+
+    def _start_state(self, uid: str, raw: bytes | None, result: BatchResult) -> tuple[UserState, bool]:
+        """The state a user's events apply to, and whether it is the stored one (an
+        erased marker counts: its offset must keep skipping replays)."""
+        if raw is not None and is_erased(raw):
+            partition, offset = marker_position(raw)
+            return self._fresh(partition, offset), True
+        st = None
+        if raw is not None:
+            try:
+                st = UserState.unpack(raw, self.layers, self.hidden)
+            except StateError as e:
+                log.error("user %r: unreadable state (%s); starting from a fresh state", uid, e)
+        if st is not None and st.model_prefix == self.prefix:
+            return st, True
+        if st is None:
+            return UserState.fresh(self.prefix, self.layers, self.hidden), False
+        result.state_resets += 1
+        return UserState(self.prefix, st.seq, st.partition, st.offset, -1,
+                         np.zeros((self.layers, self.hidden), np.float32),
+                         np.zeros((self.layers, self.hidden), np.float32)), False
+
+    def _fresh(self, partition: int, offset: int) -> UserState:
+        z = np.zeros((self.layers, self.hidden), np.float32)
+        return UserState(self.prefix, 0, partition, offset, -1, z, z.copy())
+
+    def _fresh_after(self, tomb: Record | None) -> UserState:
+        assert tomb is not None  # a segment after the first follows a tombstone
+        return self._fresh(tomb.partition, tomb.offset)
+
+    def _plan(self, uid: str, items: list[_Item], store: StateStore, result: BatchResult) -> _Plan | None:
+        """What the batch does to one user: its new items cut into segments at its
+        tombstones; None when all of them are replays."""
+        raw = store.get(uid, items[0][1])
+        st, stored_ok = self._start_state(uid, raw, result)
+        # Replays against the stored state *and* within the batch: a record can come
+        # twice in one batch (read back over a hole and also delivered by the consumer
+        # after it seeks back); only offsets beyond the last applied one are new.
+        new: list[_Item] = []
+        last_p, last_o = st.partition, st.offset
+        for ev, rec in items:
+            if rec.partition == last_p and rec.offset <= last_o:
+                continue
+            new.append((ev, rec))
+            last_p, last_o = rec.partition, rec.offset
+        result.replayed += len(items) - len(new)
+        if not new:
+            if stored_ok and raw is not None:
                 # Only replays: these events were applied before a crash or rebalance, and
                 # their outputs delivered, but Faust sends changelog records asynchronously:
                 # a SIGKILL can lose the last ones while RocksDB kept the state. Offsets are
                 # committed only after the changelog is flushed, so the events come back:
                 # write the stored value again and the changelog catches up (same bytes,
                 # so the table itself does not change).
-                result.states.append((uid, raw, evs[-1][1]))
-        if not users:
-            return result
+                result.states.append((uid, raw, items[-1][1]))
+            return None
+        segments: list[tuple[list[tuple[ClickEvent, Record]], Record | None]] = []
+        cur: list[tuple[ClickEvent, Record]] = []
+        for ev, rec in new:
+            if ev is None:
+                segments.append((cur, rec))
+                cur = []
+            else:
+                cur.append((ev, rec))
+        if cur or not segments:
+            segments.append((cur, None))
+        return _Plan(uid, raw, st, segments)
 
+    def _forget(self, plan: _Plan, r: int, result: BatchResult) -> None:
+        """The tombstone after `plan`'s r-th segment: output tombstones; the erased
+        marker as the user's state when nothing follows it in the batch."""
+        tomb = plan.segments[r][1]
+        assert tomb is not None
+        key = plan.uid.encode()
+        result.outputs.append((key, None))
+        if self.cfg.latest:
+            result.latest[key] = None
+        result.forgotten += 1
+        if r == len(plan.segments) - 1 and (plan.raw is not None or any(s[0] for s in plan.segments)):
+            ts = max(self.watermark, last_ts_of(plan.raw) if plan.raw is not None else -1)
+            result.states.append((plan.uid, erased_marker(self.prefix, tomb.partition, tomb.offset, ts), tomb))
+
+    def _expire(self, store: StateStore, result: BatchResult, active: dict[str, list[_Item]]) -> None:
+        """The TTL's share of the batch: delete what the store found idle for too long."""
+        ttl = self.cfg.state_ttl_ms
+        if ttl <= 0 or self.watermark < 0:
+            return
+        for uid, partition, value in store.expired(self.watermark - ttl, self.cfg.ttl_scan):
+            if uid in active:  # its stored value is being replaced by this batch
+                continue
+            result.states.append((uid, None, Record(uid.encode(), None, "", partition, -1)))
+            result.evicted += 1
+            if not is_erased(value):  # a marker's tombstones were published when it was written
+                key = uid.encode()
+                result.outputs.append((key, None))
+                if self.cfg.latest:
+                    result.latest[key] = None
+
+    def _call(self, users: list[str], states: list[UserState], pending: list[list[tuple[ClickEvent, Record]]],
+              keep: list[bool], store: StateStore, result: BatchResult) -> None:
         lengths = np.array([len(p) for p in pending], dtype=np.int64)
         step = max(1, self.cfg.max_call_batch)
         for idx in self._chunks(lengths):
             for k in range(0, len(idx), step):
-                self._run(idx[k:k + step], users, states, pending, store, result)
-        result.users = len(users)
-        return result
+                self._run(idx[k:k + step], users, states, pending, keep, store, result)
 
     def _chunks(self, lengths: np.ndarray) -> list[np.ndarray]:
         """One call for the whole batch unless padding would dominate; then one call per
@@ -244,6 +335,7 @@ class Engine:
         users: list[str],
         states: list[UserState],
         pending: list[list[tuple[ClickEvent, Record]]],
+        keep: list[bool],
         store: StateStore,
         result: BatchResult,
     ) -> None:
@@ -280,6 +372,7 @@ class Engine:
         zs_all = z_arr if fast else z_arr.tolist()  # json: rows go to orjson as float32 arrays
         sur_all = surprise.tolist()  # (T, B)
         outputs = result.outputs
+        latest = result.latest if self.cfg.latest else None
         for b, i in enumerate(idx):
             st = states[i]
             evs = pending[i]
@@ -297,12 +390,16 @@ class Engine:
                     msg = VectorMessage(uid, self.model_id, st.seq + t + 1, ev.ts, now_ms, z, sur_all[t][b],
                                         f"{rec.topic}[{rec.partition}]@{rec.offset}")
                     outputs.append((key, msg.to_bytes(enc)))
+            if latest is not None:
+                latest[key] = outputs[-1][1]
+            result.applied += n
+            result.event_ts.extend(ev.ts for ev, _ in evs)
+            if not keep[i]:  # erased by a tombstone later in the batch
+                continue
             last_ev, last_rec = evs[-1]
             new_state = UserState(self.prefix, st.seq + n, last_rec.partition, last_rec.offset,
                                   last_ev.ts, h_new[:, b], c_new[:, b])
             result.states.append((uid, new_state.pack(self.cfg.state_dtype), last_rec))
-            result.applied += n
-            result.event_ts.extend(ev.ts for ev, _ in evs)
 
     def commit_states(self, result: BatchResult, store: StateStore) -> None:
         """Write the batch's states. Call only after its outputs were delivered: a state

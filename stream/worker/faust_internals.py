@@ -69,6 +69,8 @@ def missing_internals(consumer: Any, store_class: type = RocksDBStore,
     gaps += [f"{cls.__name__}.{name}" for cls, name in fetch_classes if not _assigned_in_init(cls, name)]
     if not hasattr(store_class, "_db_for_partition"):
         gaps.append(f"{store_class.__name__}._db_for_partition")
+    if not _assigned_in_init(store_class, "_dbs"):
+        gaps.append(f"{store_class.__name__}._dbs")
     return gaps
 
 
@@ -251,6 +253,12 @@ async def add_gap(consumer: Any, tp: TP, first: int, last: int) -> None:
 def db_for_partition(table: Any, partition: int) -> Any:
     """The RocksDB database (rocksdict) of the table's `partition`."""
     return table.data._db_for_partition(partition)
+
+
+def open_partitions(table: Any) -> list[int]:
+    """The table partitions whose RocksDB database is open (those assigned here); Faust
+    drops a revoked partition's database from this mapping."""
+    return sorted(table.data._dbs)
 
 
 def set_fetch_max_wait(consumer: Any, fetch_max_wait_ms: int) -> None:

@@ -141,7 +141,7 @@ class Pipeline:
         result = self.engine.process(records, self.pending)
         self.batches += 1
         self.pending.hold(result, self.batches)
-        delivered = self.sink.send(result.outputs, result.dead, asyncio.get_running_loop())
+        delivered = self.sink.send(result.outputs, result.dead, asyncio.get_running_loop(), result.latest)
         # The store loop never stops with an error (it ends the process), so waiting
         # on it cannot hang.
         await self.inflight.put(InFlight(self.batches, batch, records, result, delivered, t0))
@@ -192,6 +192,9 @@ class Pipeline:
         m.vectors_out.inc(len(result.outputs))
         m.replayed.inc(result.replayed)
         m.state_resets.inc(result.state_resets)
+        if result.forgotten or result.evicted:
+            log.info("batch %d: %d users forgotten by tombstones, %d states expired (state TTL)", item.number,
+                     result.forgotten, result.evicted)
         for _, _, reason in result.dead:
             m.dead.labels(reason).inc()
         m.batch_size.observe(len(records))

@@ -1,5 +1,9 @@
-"""Output side of the worker: vectors and dead letters through one confluent-kafka
-producer; each batch is acknowledged by the brokers before its states are written."""
+"""Output side of the worker: vectors, dead letters and the latest vectors through one
+confluent-kafka producer; each batch is acknowledged by the brokers before its states
+are written.
+
+A None value is a tombstone (a Kafka message with a null value): on the vector topic and
+the latest-vector topic it says the user was forgotten or expired (engine.py)."""
 
 from __future__ import annotations
 
@@ -37,20 +41,28 @@ def reliable_producer(conf: dict[str, Any], **extra: Any) -> Producer:
 
 
 class Sink:
-    def __init__(self, conf: dict[str, Any], out_topic: str, dlq_topic: str) -> None:
+    """`latest_topic` (optional, compacted): each user's last vector of each batch, in
+    the vector topic's encoding, so that the topic read with "last value per key" is
+    every user's current vector."""
+
+    def __init__(self, conf: dict[str, Any], out_topic: str, dlq_topic: str, latest_topic: str = "") -> None:
         self.out_topic = out_topic
         self.dlq_topic = dlq_topic
+        self.latest_topic = latest_topic
         # Same key -> partition mapping as Kafka's Java clients and Faust.
         self.producer = reliable_producer(conf, partitioner="murmur2_random")
         self._poller: threading.Thread | None = None
         self._stopping = threading.Event()
 
-    def send(self, outputs: list[tuple[bytes, bytes]], dead: list[tuple[bytes | None, bytes, str]],
-             loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    def send(self, outputs: list[tuple[bytes, bytes | None]], dead: list[tuple[bytes | None, bytes, str]],
+             loop: asyncio.AbstractEventLoop, latest: dict[bytes, bytes | None] | None = None
+             ) -> asyncio.Future[None]:
         """Send one batch; the future resolves when every message of it is acknowledged
-        (DeliveryError if any failed), independently of batches sent after it."""
+        (DeliveryError if any failed), independently of batches sent after it. `latest`
+        goes to the latest-vector topic when there is one."""
         fut: asyncio.Future[None] = loop.create_future()
-        left = len(outputs) + len(dead)
+        latest = latest if self.latest_topic and latest else {}
+        left = len(outputs) + len(dead) + len(latest)
         if left == 0:
             fut.set_result(None)
             return fut
@@ -78,6 +90,8 @@ class Sink:
             produce_waiting(self.producer, self.out_topic, key, value, on_delivery)
         for key, value, _ in dead:
             produce_waiting(self.producer, self.dlq_topic, key, value, on_delivery)
+        for key, value in latest.items():
+            produce_waiting(self.producer, self.latest_topic, key, value, on_delivery)
         self._ensure_poller()
         return fut
 

@@ -3,6 +3,11 @@
 Compact binary layout, little endian: a 40-byte header then the recurrent state
 (h and c, [L, H] each) as float32 or float16. For the default model (1 layer,
 hidden 128, float32) that is 40 + 1024 bytes, 1.04x the raw recurrent state.
+
+An *erased marker* is the header alone (dtype code 0, seq 0, no h and c): what is left
+of a user forgotten by a tombstone (engine.py says why it is kept for a while). It holds
+the tombstone's source partition/offset and the event time it was written at, nothing
+of the user's behaviour.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ _VERSION = 1
 # seq u64, partition i32, offset i64, last event ts i64
 _HEADER = struct.Struct("<BBBx8sQiqq")
 HEADER_BYTES = _HEADER.size
+_ERASED = 0  # dtype code of an erased marker: header only
+_LAST_TS = struct.Struct("<q")
+_LAST_TS_AT = HEADER_BYTES - _LAST_TS.size
 _DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f2")}
 _DTYPE_CODES = {"f32": 1, "f16": 2}
 
@@ -77,3 +85,28 @@ class UserState:
             arr = arr.astype(np.float32)
         return cls(prefix, seq, partition, offset, last_ts,
                    arr[:n].reshape(layers, hidden), arr[n:].reshape(layers, hidden))
+
+
+def erased_marker(model_prefix: bytes, partition: int, offset: int, ts: int) -> bytes:
+    """The value left for a forgotten user: the tombstone's source partition/offset (so
+    events before it that come back after a crash are skipped as replays) and `ts`, the
+    event time it expires from (state TTL)."""
+    return _HEADER.pack(_MAGIC, _VERSION, _ERASED, model_prefix, 0, partition, offset, ts)
+
+
+def is_erased(data: bytes) -> bool:
+    return len(data) == HEADER_BYTES and data[0] == _MAGIC and data[2] == _ERASED
+
+
+def marker_position(data: bytes) -> tuple[int, int]:
+    """(partition, offset) of the tombstone an erased marker stands for."""
+    _, _, _, _, _, partition, offset, _ = _HEADER.unpack_from(data)
+    return partition, offset
+
+
+def last_ts_of(data: bytes) -> int:
+    """The event time of a stored value (state or erased marker) without unpacking it;
+    -1 when none (or the value is not one of ours)."""
+    if len(data) < HEADER_BYTES or data[0] != _MAGIC:
+        return -1
+    return _LAST_TS.unpack_from(data, _LAST_TS_AT)[0]

@@ -15,8 +15,9 @@ from rocksdict import WriteBatch
 
 from clickvec.kafka import produce_waiting
 from clickvec.stream.worker import faust_internals
-from clickvec.stream.worker.engine import Record, StateStore
 from clickvec.stream.worker.sink import DeliveryError, reliable_producer
+from clickvec.stream.worker.state import last_ts_of
+from clickvec.stream.worker.store import Record, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,15 @@ class TableStore(StateStore):
     write and recovers from, but librdkafka sends them from its own thread instead of
     the worker's event loop (benchmarks/README.md has the profiles). It also lets
     `flush` wait for the brokers: Faust's producer-buffer flush gives up after 0.1 s, so
-    offsets could have been committed before the states reached the changelog."""
+    offsets could have been committed before the states reached the changelog.
+
+    A delete (a None value in `put_many`, or `delete`) is a RocksDB delete and a
+    changelog tombstone (a null value): Faust's recovery applies a null changelog value
+    as a delete (`faust.stores.rocksdb.Store.apply_changelog_batch`), and compaction
+    drops the key's earlier values, so a recovered table does not bring the user back.
+
+    `expired` walks each open partition's database with a cursor, at most `budget`
+    values per call, wrapping around at the end: the state TTL's bounded work per batch."""
 
     def __init__(self, table: Any, producer_conf: dict[str, Any]) -> None:
         self.table = table
@@ -47,6 +56,8 @@ class TableStore(StateStore):
         self.producer = reliable_producer(producer_conf)
         self._offsets: dict[int, int] = {}  # changelog partition -> last offset written
         self._errors: list[str] = []
+        self._cursors: dict[int, bytes | None] = {}  # partition -> last key `expired` examined
+        self._next_partition = 0
 
     def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
         if err is not None:
@@ -64,9 +75,13 @@ class TableStore(StateStore):
     def put(self, user_id: str, value: bytes, record: Record) -> None:
         self.put_many([(user_id, value, record)])
 
-    def put_many(self, states: Iterable[tuple[str, bytes, Record]]) -> None:
-        """Write RocksDB (one batch per partition) and send the changelog records;
-        `flush` waits for the brokers."""
+    def delete(self, user_id: str, record: Record) -> None:
+        self.put_many([(user_id, None, record)])
+
+    def put_many(self, states: Iterable[tuple[str, bytes | None, Record]]) -> None:
+        """Write RocksDB (one batch per partition) and send the changelog records, a
+        None value being a delete and a changelog tombstone; `flush` waits for the
+        brokers."""
         batches: dict[int, Any] = {}
         producer, topic, on_delivery = self.producer, self.topic, self._on_delivery
         produce = producer.produce
@@ -76,13 +91,34 @@ class TableStore(StateStore):
             wb = batches.get(partition)
             if wb is None:
                 wb = batches[partition] = WriteBatch(raw_mode=True)
-            wb.put(key, value)
+            if value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, value)
             try:
                 produce(topic, value, key, partition, on_delivery)
             except BufferError:  # local queue full: wait for deliveries to drain it
                 produce_waiting(producer, topic, key, value, on_delivery, partition=partition)
         for partition, wb in batches.items():
             self._db(partition).write(wb)
+
+    def expired(self, cutoff_ts: int, budget: int) -> list[tuple[str, int, bytes]]:
+        """Values older than `cutoff_ts` among at most `budget` examined, partition by
+        partition from where the last call stopped; each partition at most once a call."""
+        out: list[tuple[str, int, bytes]] = []
+        partitions = faust_internals.open_partitions(self.table)
+        if not partitions:
+            return out
+        start = self._next_partition % len(partitions)
+        for partition in partitions[start:] + partitions[:start]:
+            if budget <= 0:
+                break
+            found, cursor, n = scan_expired(self._db(partition), self._cursors.get(partition), cutoff_ts, budget)
+            self._cursors[partition] = cursor
+            out += [(k.decode("utf-8", "replace"), partition, v) for k, v in found]
+            budget -= n
+            self._next_partition += 1
+        return out
 
     async def flush(self, timeout: float = 120.0, warn_every: float = 30.0) -> None:
         """Wait until every changelog record written so far is acknowledged, then record
@@ -108,3 +144,29 @@ class TableStore(StateStore):
         offsets, self._offsets = self._offsets, {}
         for partition, offset in offsets.items():
             self.table.data.set_persisted_offset(TP(self.topic, partition), offset)
+
+
+def scan_expired(db: Any, after: bytes | None, cutoff_ts: int, budget: int
+                 ) -> tuple[list[tuple[bytes, bytes]], bytes | None, int]:
+    """The (key, value) pairs of `db` (rocksdict, raw mode) whose event time is before
+    `cutoff_ts`, among at most `budget` keys after `after` (None: from the first).
+    Returns them, the cursor to resume from (None once the end was reached: the next
+    scan starts over) and how many keys were examined."""
+    it = db.iter()
+    if after is None:
+        it.seek_to_first()
+    else:
+        it.seek(after)
+        if it.valid() and it.key() == after:
+            it.next()
+    found: list[tuple[bytes, bytes]] = []
+    n = 0
+    last = after
+    while n < budget and it.valid():
+        key, value = it.key(), it.value()
+        if last_ts_of(value) < cutoff_ts:
+            found.append((key, value))
+        last = key
+        n += 1
+        it.next()
+    return found, (last if it.valid() else None), n
