@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "stream": ("clickvec.stream.worker.cli", "run the Faust stream worker"),
     "alerts": ("clickvec.stream.consumers.alerts", "fraud-alerting consumer of the vector topic"),
     "recommend": ("clickvec.stream.consumers.recommend", "live recommendation consumer of the vector topic"),
+    "forget": ("clickvec.forget", "erase users: tombstones to the stream's input topic"),
     "run": ("clickvec.run.cli", "the whole pipeline in one command"),
 }
 

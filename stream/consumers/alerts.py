@@ -19,7 +19,9 @@ the user's own categories) are as fast as fraud but not surprising. `alerts_eval
 scores the same code offline against the synthetic labels.
 
 Per-user state is in memory: a restart resumes from the committed offsets with fresh
-state, which warms up again within a few events per user.
+state, which warms up again within a few events per user. A tombstone on the vector
+topic (the user forgotten, or expired from the worker's state) drops the user's state
+and the alerts kept for the summary; the user's next vectors (seq 1 again) start afresh.
 """
 
 from __future__ import annotations
@@ -231,6 +233,15 @@ class AlertHandler:
         self.scorer = AlertScorer(cfg)
         self.scored = 0
         self.alerts: list[dict[str, Any]] = []  # kept for the summary (bounded)
+        self.forgotten = 0  # vector-topic tombstones seen
+
+    def forget(self, user_id: str) -> list[Record]:
+        """A vector-topic tombstone: drop what is held about the user (nothing to publish:
+        the alerts already published are the alert topic's own records)."""
+        self.scorer.users.pop(user_id, None)
+        self.alerts = [a for a in self.alerts if a["user_id"] != user_id]
+        self.forgotten += 1
+        return []
 
     def __call__(self, batch: Sequence[VectorMessage]) -> list[Record]:
         out: list[Record] = []
@@ -262,7 +273,7 @@ def main(argv: list[str]) -> int:
 
     def results() -> dict[str, Any]:
         out: dict[str, Any] = {"scored": handler.scored, "replays_skipped": handler.scorer.replays,
-                               "alerts_published": len(handler.alerts)}
+                               "alerts_published": len(handler.alerts), "forgotten": handler.forgotten}
         if args.labels:
             from clickvec.eventfile import read_table
             from clickvec.stream.consumers.alerts_eval import evaluate_alerts

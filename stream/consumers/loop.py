@@ -6,6 +6,10 @@ then commit the batch's offsets. A crash between produce and commit re-delivers 
 batch (at least once); nothing is committed that was not published. SIGTERM / SIGINT
 finish the current batch and leave the group cleanly.
 
+A tombstone on the vector topic (key = user id, null value: the user was forgotten or
+its state expired, stream/worker/engine.py) goes to the handler's `forget(user_id)`, in
+order with the vectors around it.
+
 Imports neither torch nor `training`.
 """
 
@@ -29,8 +33,15 @@ from clickvec.kafka import KafkaConnection, add_kafka_arguments, produce_waiting
 
 log = logging.getLogger(__name__)
 
-Record = tuple[bytes | None, bytes]  # (key, value) to publish
+Record = tuple[bytes | None, bytes | None]  # (key, value) to publish; None value: a tombstone
 Handler = Callable[[Sequence[VectorMessage]], list[Record]]
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """A vector-topic tombstone: forget `user_id`."""
+
+    user_id: str
 
 
 class ConsumerError(ClickvecError):
@@ -161,7 +172,7 @@ class VectorTopicLoop:
                 last_input = time.monotonic()
                 decoded, ends = self._decode(msgs)
                 self.stats.decoded += len(decoded)
-                out = self.handler(decoded) if decoded else []
+                out = self._handle(decoded)
                 self._publish(producer, out)
                 self.stats.batches += 1
                 if ends:
@@ -173,6 +184,24 @@ class VectorTopicLoop:
             consumer.close()  # leaves the group: partitions move at once
             log.info("consumer stopped (%s): %s", self.stats.stopped_by, asdict(self.stats))
         return self.stats
+
+    def _handle(self, items: list[VectorMessage | Tombstone]) -> list[Record]:
+        """The handler on each run of vectors, `handler.forget` on each tombstone, in order."""
+        out: list[Record] = []
+        run: list[VectorMessage] = []
+        forget = getattr(self.handler, "forget", None)
+        for item in items:
+            if isinstance(item, Tombstone):
+                if run:
+                    out += self.handler(run)
+                    run = []
+                if forget is not None:
+                    out += forget(item.user_id)
+            else:
+                run.append(item)
+        if run:
+            out += self.handler(run)
+        return out
 
     def _time_is_up(self, t0: float, last_input: float) -> bool:
         """Stop (and say why) once --duration has passed or --idle-exit without input."""
@@ -186,9 +215,10 @@ class VectorTopicLoop:
             return True
         return False
 
-    def _decode(self, msgs: list[Any]) -> tuple[list[VectorMessage], dict[tuple[str, int], int]]:
-        """The batch's vector messages, and the offset to commit per (topic, partition)."""
-        decoded: list[VectorMessage] = []
+    def _decode(self, msgs: list[Any]) -> tuple[list[VectorMessage | Tombstone], dict[tuple[str, int], int]]:
+        """The batch's vector messages and tombstones, and the offset to commit per
+        (topic, partition)."""
+        decoded: list[VectorMessage | Tombstone] = []
         ends: dict[tuple[str, int], int] = {}
         for m in msgs:
             err = m.error()
@@ -199,6 +229,9 @@ class VectorTopicLoop:
                 continue
             self.stats.consumed += 1
             ends[(m.topic(), m.partition())] = m.offset() + 1
+            if m.value() is None and m.key():
+                decoded.append(Tombstone(m.key().decode("utf-8", "replace")))
+                continue
             try:
                 decoded.append(VectorMessage.from_bytes(m.value()))
             except (ValueError, TypeError, KeyError) as e:

@@ -9,6 +9,10 @@ published as JSON `{user_id, seq, model_id, items, scores}` (key = user id).
 Catalogues above `--ann-threshold` items use an approximate inner-product index
 (faiss HNSW over [query, 1] . [embedding, bias]) when faiss is installed, else exact
 search. `--eval-events FILE` reports the hit rate on each user's next event.
+
+A tombstone on the vector topic (the user forgotten, or expired from the worker's state)
+is passed on: a tombstone (key = user id, null value) on the recommendation topic, so a
+reader keeping the latest recommendation per user drops the user's too.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ class RecommendHandler:
         self.eval_cases = 0
         self.hits = 0
         self.random_hits = 0.0  # expected hits of k random catalogue items
+        self.forgotten = 0  # vector-topic tombstones passed on
 
     def __call__(self, batch: Sequence[VectorMessage]) -> list[Record]:
         msgs = [m for m in batch if m.model_id == self.model_id and len(m.vector) == self.index.bundle.z_dim]
@@ -122,6 +127,14 @@ class RecommendHandler:
                     self.random_hits += len(items) / self.index.n_items
         self.recommended += len(out)
         return out
+
+    def forget(self, user_id: str) -> list[Record]:
+        """A vector-topic tombstone: drop the user's held-back events and pass the
+        tombstone on."""
+        if self.eval_items is not None:
+            self.eval_items.pop(user_id, None)
+        self.forgotten += 1
+        return [(user_id.encode(), None)]
 
     def evaluation(self) -> dict[str, Any]:
         n = self.eval_cases
@@ -152,7 +165,7 @@ def main(argv: list[str]) -> int:
 
     def results() -> dict[str, Any]:
         out: dict[str, Any] = {"recommended": handler.recommended,
-                               "skipped_other_model": handler.skipped_model}
+                               "skipped_other_model": handler.skipped_model, "forgotten": handler.forgotten}
         if handler.eval_items is not None:
             out["evaluation"] = handler.evaluation()
         return out

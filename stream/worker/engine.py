@@ -20,8 +20,8 @@ tombstone would be applied again and bring the user back. The marker's offset ma
 replays, as a state's offset does; a re-delivered tombstone is a replay too (idempotent).
 The marker is replaced by the user's next event, and expires with the state TTL
 (`state_ttl_ms`) like any idle state; its event time is the worker's event-time
-watermark when it was written. A tombstone for a user without state writes nothing to
-the state (nothing to erase) but still publishes the output tombstones.
+watermark when it was written. A tombstone for a user without state on its partition
+does nothing (`clickvec forget` writes one to every partition by default).
 
 State TTL (`state_ttl_ms` > 0, event time): each batch asks the store for at most
 `ttl_scan` stored values (a cursor per RocksDB partition, table.py) whose last event time
@@ -103,6 +103,7 @@ class _Plan:
     start: UserState  # what the first segment applies to
     # events between tombstones, each with the tombstone that ends it (None: the last)
     segments: list[tuple[list[tuple[ClickEvent, Record]], Record | None]]
+    erased: bool = False  # a tombstone of the batch erased something
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ class Engine:
         """Apply a batch: events, tombstones (the module docstring), then the TTL's share."""
         result = BatchResult()
         per_user = self._group(records, result)
-        plans = [p for uid, items in per_user.items() if (p := self._plan(uid, items, store, result)) is not None]
+        plans = [p for (uid, _), items in per_user.items() if (p := self._plan(uid, items, store, result)) is not None]
         # Round r runs every user's r-th segment (the events between two of its
         # tombstones); a user's tombstone is published after the vectors before it and
         # before those after it. Almost every batch has one round.
@@ -187,22 +188,25 @@ class Engine:
             for p in plans:
                 if r < len(p.segments) and p.segments[r][1] is not None:
                     self._forget(p, r, result)
-        self._expire(store, result, per_user)
+        self._expire(store, result, {uid for uid, _ in per_user})
         return result
 
-    def _group(self, records: Sequence[Record], result: BatchResult) -> dict[str, list[_Item]]:
-        """Each user's events and tombstones, in the batch's order; bad records dead-lettered."""
-        per_user: dict[str, list[_Item]] = {}
+    def _group(self, records: Sequence[Record], result: BatchResult) -> dict[tuple[str, int], list[_Item]]:
+        """Each (user, partition)'s events and tombstones, in the batch's order; bad
+        records dead-lettered. A user's state lives on one partition, that of its key;
+        `clickvec forget` may send its tombstone to every partition, and those on the
+        other partitions must not cut the user's events."""
+        per_user: dict[tuple[str, int], list[_Item]] = {}
         wm = self.watermark
         for rec in records:
             if rec.value is None:
                 uid = self._tombstone_user(rec, result)
                 if uid is not None:
-                    per_user.setdefault(uid, []).append((None, rec))
+                    per_user.setdefault((uid, rec.partition), []).append((None, rec))
                 continue
             ev = self._parse(rec, result)
             if ev is not None:
-                per_user.setdefault(ev.user_id, []).append((ev, rec))
+                per_user.setdefault((ev.user_id, rec.partition), []).append((ev, rec))
                 if ev.ts > wm:
                     wm = ev.ts
         self.watermark = wm
@@ -283,20 +287,26 @@ class Engine:
         return _Plan(uid, raw, st, segments)
 
     def _forget(self, plan: _Plan, r: int, result: BatchResult) -> None:
-        """The tombstone after `plan`'s r-th segment: output tombstones; the erased
-        marker as the user's state when nothing follows it in the batch."""
+        """The tombstone after `plan`'s r-th segment. When it erases something (a stored
+        state, or events of this batch): output tombstones, and, once nothing follows it
+        in the batch, the erased marker as the user's state. A tombstone for a user
+        without state (never seen, expired, already erased, or whose state lives on
+        another partition) does nothing."""
         tomb = plan.segments[r][1]
         assert tomb is not None
-        key = plan.uid.encode()
-        result.outputs.append((key, None))
-        if self.cfg.latest:
-            result.latest[key] = None
-        result.forgotten += 1
-        if r == len(plan.segments) - 1 and (plan.raw is not None or any(s[0] for s in plan.segments)):
+        had = bool(plan.segments[r][0]) or (r == 0 and plan.raw is not None and not is_erased(plan.raw))
+        if had:
+            key = plan.uid.encode()
+            result.outputs.append((key, None))
+            if self.cfg.latest:
+                result.latest[key] = None
+            result.forgotten += 1
+            plan.erased = True
+        if r == len(plan.segments) - 1 and plan.erased:
             ts = max(self.watermark, last_ts_of(plan.raw) if plan.raw is not None else -1)
             result.states.append((plan.uid, erased_marker(self.prefix, tomb.partition, tomb.offset, ts), tomb))
 
-    def _expire(self, store: StateStore, result: BatchResult, active: dict[str, list[_Item]]) -> None:
+    def _expire(self, store: StateStore, result: BatchResult, active: set[str]) -> None:
         """The TTL's share of the batch: delete what the store found idle for too long."""
         ttl = self.cfg.state_ttl_ms
         if ttl <= 0 or self.watermark < 0:
