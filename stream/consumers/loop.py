@@ -172,7 +172,7 @@ class VectorTopicLoop:
                 last_input = time.monotonic()
                 decoded, ends = self._decode(msgs)
                 self.stats.decoded += len(decoded)
-                out = self._handle(decoded)
+                out = self.dispatch(decoded)
                 self._publish(producer, out)
                 self.stats.batches += 1
                 if ends:
@@ -185,7 +185,7 @@ class VectorTopicLoop:
             log.info("consumer stopped (%s): %s", self.stats.stopped_by, asdict(self.stats))
         return self.stats
 
-    def _handle(self, items: list[VectorMessage | Tombstone]) -> list[Record]:
+    def dispatch(self, items: list[VectorMessage | Tombstone]) -> list[Record]:
         """The handler on each run of vectors, `handler.forget` on each tombstone, in order."""
         out: list[Record] = []
         run: list[VectorMessage] = []

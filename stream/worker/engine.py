@@ -303,7 +303,7 @@ class Engine:
             result.forgotten += 1
             plan.erased = True
         if r == len(plan.segments) - 1 and plan.erased:
-            ts = max(self.watermark, last_ts_of(plan.raw) if plan.raw is not None else -1)
+            ts = max(self.watermark, (last_ts_of(plan.raw) if plan.raw is not None else None) or -1)
             result.states.append((plan.uid, erased_marker(self.prefix, tomb.partition, tomb.offset, ts), tomb))
 
     def _expire(self, store: StateStore, result: BatchResult, active: set[str]) -> None:

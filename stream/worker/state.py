@@ -104,9 +104,10 @@ def marker_position(data: bytes) -> tuple[int, int]:
     return partition, offset
 
 
-def last_ts_of(data: bytes) -> int:
-    """The event time of a stored value (state or erased marker) without unpacking it;
-    -1 when none (or the value is not one of ours)."""
-    if len(data) < HEADER_BYTES or data[0] != _MAGIC:
-        return -1
+def last_ts_of(data: bytes) -> int | None:
+    """The event time of a stored value (state or erased marker) without unpacking it
+    (-1: none yet); None when the value is not a user's (Faust keeps its own keys, such
+    as the changelog offset, in the same database)."""
+    if len(data) < HEADER_BYTES or data[0] != _MAGIC or data[1] != _VERSION:
+        return None
     return _LAST_TS.unpack_from(data, _LAST_TS_AT)[0]

@@ -74,7 +74,7 @@ class MemoryStateStore(StateStore):
             self._cursor = 0
         seen = keys[self._cursor:self._cursor + budget]
         self._cursor += len(seen)
-        return [(k, 0, self.data[k]) for k in seen if last_ts_of(self.data[k]) < cutoff_ts]
+        return [(k, 0, v) for k in seen if (ts := last_ts_of(v := self.data[k])) is not None and ts < cutoff_ts]
 
 
 class PendingStates(StateStore):

@@ -164,7 +164,8 @@ def scan_expired(db: Any, after: bytes | None, cutoff_ts: int, budget: int
     last = after
     while n < budget and it.valid():
         key, value = it.key(), it.value()
-        if last_ts_of(value) < cutoff_ts:
+        ts = last_ts_of(value)
+        if ts is not None and ts < cutoff_ts:  # None: one of Faust's own keys
             found.append((key, value))
         last = key
         n += 1
