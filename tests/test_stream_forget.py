@@ -178,8 +178,8 @@ def _split_at_tombstones(messages) -> tuple[list, list, dict[str, int]]:
     return before, after, tombs
 
 
-def _last_per_key(messages) -> dict[str, bytes | None]:
-    return {k.decode(): v for k, v in messages}
+def _last_per_key(messages) -> dict:
+    return dict(messages)
 
 
 def _vec(v: bytes | None):
@@ -223,6 +223,13 @@ def test_forget_kill_wipe_ttl_and_latest_topic_end_to_end(kafka_bootstrap, new_t
         _wait(reader, lambda m: len(m) >= len(phase1), 90, w)
         assert forget_cmd.main(["--brokers", kafka_bootstrap, "--topic", src, *forgotten]) == 0
         _wait(reader, lambda m: {k.decode() for k, v in m if v is None} >= set(forgotten), 60, w)
+        # Once the tombstones' offsets are committed, the erased markers go too: the
+        # changelog's last word on a forgotten user is a tombstone.
+        changelog = TopicReader(kafka_bootstrap, f"{group}-user-state-changelog")
+        _wait(changelog, lambda m: all(_last_per_key(m).get(u.encode(), b"") is None for u in forgotten), 30, w)
+        markers = {k.decode() for k, v in changelog.messages if v is not None and is_erased(v)}
+        changelog.close()
+        assert markers == set(forgotten)
         w.kill()
         shutil.rmtree(state)  # the restart recovers the table from the changelog alone
         w.start()
@@ -247,7 +254,7 @@ def test_forget_kill_wipe_ttl_and_latest_topic_end_to_end(kafka_bootstrap, new_t
     while cl.poll(1.0):
         pass
     cl.close()
-    final = _last_per_key([(k, v) for k, v in cl.messages if k is not None])
+    final = {k.decode(): v for k, v in _last_per_key(cl.messages).items() if k is not None}
     assert all(final[u] is None for u in idle)
     seqs = {u: UserState.unpack(final[u], bundle.layers, bundle.hidden).seq for u in forgotten + active}
     assert seqs == {**{u: 12 for u in forgotten}, **{u: 16 for u in active}}
@@ -256,8 +263,8 @@ def test_forget_kill_wipe_ttl_and_latest_topic_end_to_end(kafka_bootstrap, new_t
     while lt.poll(1.0):
         pass
     lt.close()
-    want = {u: _vec(v) for u, v in _last_per_key(reader.messages).items()}
-    assert {u: _vec(v) for u, v in _last_per_key(lt.messages).items()} == want
+    want = {k: _vec(v) for k, v in _last_per_key(reader.messages).items()}
+    assert {k: _vec(v) for k, v in _last_per_key(lt.messages).items()} == want
     assert _compacted(kafka_bootstrap, latest)
     # The consumers, fed the vector topic as it is: the forgotten users were dropped at
     # their tombstone (their new seq 1 is no replay), the idle ones are gone.

@@ -18,9 +18,11 @@ Why a marker and not nothing: the batch's events are acked only after its states
 stored. A crash in between brings the batch back; with no state left, events before the
 tombstone would be applied again and bring the user back. The marker's offset makes them
 replays, as a state's offset does; a re-delivered tombstone is a replay too (idempotent).
-The marker is replaced by the user's next event, and expires with the state TTL
-(`state_ttl_ms`) like any idle state; its event time is the worker's event-time
-watermark when it was written. A tombstone for a user without state on its partition
+Once the tombstone's offset is committed nothing before it can come back, and the worker
+deletes the marker (pipeline.py, `Pipeline.drop_markers`); until then it is replaced by
+the user's next event, and it expires with the state TTL (`state_ttl_ms`) like any idle
+state (the backstop for markers a crash left behind); its event time is the worker's
+event-time watermark when it was written. A tombstone for a user without state on its partition
 does nothing (`clickvec forget` writes one to every partition by default).
 
 State TTL (`state_ttl_ms` > 0, event time): each batch asks the store for at most

@@ -248,6 +248,12 @@ async def add_gap(consumer: Any, tp: TP, first: int, last: int) -> None:
     await consumer._add_gap(tp, first, last)
 
 
+def committed_offset(consumer: Any, tp: TP) -> int | None:
+    """The offset Faust last committed for `tp` (the next to read), None when none yet
+    or the partition is not assigned here."""
+    return consumer._committed_offset.get(tp)
+
+
 # -- the table and the fetcher ---------------------------------------------------------------
 
 def db_for_partition(table: Any, partition: int) -> Any:

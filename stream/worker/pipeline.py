@@ -23,17 +23,23 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from faust.types import TP
+
+from clickvec.stream.worker import faust_internals
 from clickvec.stream.worker.config import StreamConfig
 from clickvec.stream.worker.continuity import Continuity
 from clickvec.stream.worker.engine import BatchResult, Engine, PendingStates, Record, StateStore
 from clickvec.stream.worker.feed import Batch, BatchFeed
 from clickvec.stream.worker.metrics import Metrics
 from clickvec.stream.worker.sink import Sink
+from clickvec.stream.worker.state import is_erased
 
 log = logging.getLogger(__name__)
 
 # The tail-hole sweep runs only once no batch has been applied for this long.
 IDLE_BEFORE_SWEEP_S = 2.0
+# How often erased markers are checked against the committed offsets when no batch comes.
+MARKER_CHECK_S = 1.0
 
 
 def fail_stop(exc: BaseException) -> NoReturn:
@@ -106,6 +112,7 @@ class Pipeline:
         self.batches = 0  # batches applied
         self.last_batch = time.monotonic()
         self.storer: asyncio.Future[None] | None = None
+        self.erasing: list[tuple[str, bytes, Record]] = []  # erased markers stored, to delete (drop_markers)
 
     # -- the agent -----------------------------------------------------------------------
 
@@ -152,13 +159,27 @@ class Pipeline:
     # -- the store loop ------------------------------------------------------------------
 
     async def store_loop(self) -> None:
+        getter: asyncio.Future[InFlight] | None = None
         try:
             while True:
-                item = await self.inflight.get()
+                if getter is None:
+                    getter = asyncio.ensure_future(self.inflight.get())
+                if self.erasing:  # markers wait for their offsets' commit, even with no new batch
+                    # (asyncio.wait, unlike wait_for, never cancels the get: no batch is lost)
+                    done, _ = await asyncio.wait({getter}, timeout=MARKER_CHECK_S)
+                    if not done:
+                        await self.drop_markers()
+                        continue
+                item = await getter
+                getter = None
                 await self.commit(item)
                 self.inflight.task_done()
                 self._count(item)
+                if self.erasing:
+                    await self.drop_markers()
         except asyncio.CancelledError:
+            if getter is not None:
+                getter.cancel()
             raise
         except Exception as exc:
             self.on_fatal(exc)
@@ -183,6 +204,30 @@ class Pipeline:
         self.pending.release(item.result, item.number)
         if item.batch is not None:  # 4
             self.feed.ack(item.batch, item.records)
+        self.erasing += [(uid, v, rec) for uid, v, rec in item.result.states if v is not None and is_erased(v)]
+
+    async def drop_markers(self) -> None:
+        """Delete the erased markers (engine.py) whose tombstone's offset is committed:
+        no event before it can come back any more, so the marker has nothing left to
+        guard, and the user's id leaves the table and (compacted) the changelog.
+
+        A marker a later batch replaced (the user came back) or holds is left as it is.
+        The list is in memory: after a crash the markers of the last seconds stay until
+        the user's next event or the state TTL."""
+        consumer = self.app.consumer
+        done: list[tuple[str, bytes | None, Record]] = []
+        keep = []
+        for uid, marker, rec in self.erasing:
+            committed = faust_internals.committed_offset(consumer, TP(self.cfg.in_topic, rec.partition))
+            if committed is None or committed <= rec.offset:
+                keep.append((uid, marker, rec))
+            elif not self.pending.holds(uid) and self.store.get(uid, rec) == marker:
+                done.append((uid, None, rec))
+        self.erasing = keep
+        if done:
+            self.store.put_many(done)
+            await self.store.flush()
+            log.info("%d erased markers deleted (their tombstones' offsets are committed)", len(done))
 
     def _count(self, item: InFlight) -> None:
         m, result, records = self.metrics, item.result, item.records

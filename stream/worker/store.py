@@ -103,6 +103,10 @@ class PendingStates(StateStore):
         pending = self._pending
         return [e for e in self.base.expired(cutoff_ts, budget) if e[0] not in pending]
 
+    def holds(self, user_id: str) -> bool:
+        """Whether a batch not yet stored changes the user's value."""
+        return user_id in self._pending
+
     def hold(self, result: BatchResult, batch: int) -> None:
         for uid, value, _ in result.states:
             self._pending[uid] = (value, batch)
