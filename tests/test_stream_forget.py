@@ -296,3 +296,15 @@ def _compacted(bootstrap: str, topic: str) -> bool:
     res = ConfigResource(ConfigResource.Type.TOPIC, topic)
     cfg = admin.describe_configs([res])[res].result(30)
     return cfg["cleanup.policy"].value == "compact"
+
+
+def test_bad_settings_end_in_one_line(capsys, tmp_path):
+    from clickvec.stream.worker import cli
+
+    assert cli.main(["--state-ttl", "a week", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clickvec stream: duration 'a week'") and "\n" not in err
+    assert cli.main(["--latest-topic", "user-vectors", "--model", str(tmp_path)]) == 2
+    assert "latest_topic must be a topic of its own" in capsys.readouterr().err
+    assert forget_cmd.main(["--brokers", "127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err.strip() == "clickvec forget: no user ids given (as arguments or with --file)"

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 IDLE_BEFORE_SWEEP_S = 2.0
 # How often erased markers are checked against the committed offsets when no batch comes.
 MARKER_CHECK_S = 1.0
+ERASED_LOG_S = 30.0  # at most one log line this often about forgotten and expired users
 
 
 def fail_stop(exc: BaseException) -> NoReturn:
@@ -113,6 +114,8 @@ class Pipeline:
         self.last_batch = time.monotonic()
         self.storer: asyncio.Future[None] | None = None
         self.erasing: list[tuple[str, bytes, Record]] = []  # erased markers stored, to delete (drop_markers)
+        self.forgotten = self.evicted = 0  # users forgotten by tombstones, states expired by the TTL
+        self._erased_logged = -ERASED_LOG_S
 
     # -- the agent -----------------------------------------------------------------------
 
@@ -215,10 +218,14 @@ class Pipeline:
         The list is in memory: after a crash the markers of the last seconds stay until
         the user's next event or the state TTL."""
         consumer = self.app.consumer
+        assigned = consumer.assignment()
         done: list[tuple[str, bytes | None, Record]] = []
         keep = []
         for uid, marker, rec in self.erasing:
-            committed = faust_internals.committed_offset(consumer, TP(self.cfg.in_topic, rec.partition))
+            tp = TP(self.cfg.in_topic, rec.partition)
+            if tp not in assigned:  # moved to another worker: its marker stays to the TTL
+                continue
+            committed = faust_internals.committed_offset(consumer, tp)
             if committed is None or committed <= rec.offset:
                 keep.append((uid, marker, rec))
             elif not self.pending.holds(uid) and self.store.get(uid, rec) == marker:
@@ -237,9 +244,12 @@ class Pipeline:
         m.vectors_out.inc(len(result.outputs))
         m.replayed.inc(result.replayed)
         m.state_resets.inc(result.state_resets)
-        if result.forgotten or result.evicted:
-            log.info("batch %d: %d users forgotten by tombstones, %d states expired (state TTL)", item.number,
-                     result.forgotten, result.evicted)
+        self.forgotten += result.forgotten
+        self.evicted += result.evicted
+        if (result.forgotten or result.evicted) and time.monotonic() - self._erased_logged >= ERASED_LOG_S:
+            self._erased_logged = time.monotonic()
+            log.info("so far %d users forgotten by tombstones, %d states expired (state TTL)", self.forgotten,
+                     self.evicted)
         for _, _, reason in result.dead:
             m.dead.labels(reason).inc()
         m.batch_size.observe(len(records))
