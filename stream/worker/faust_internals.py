@@ -69,7 +69,7 @@ def missing_internals(consumer: Any, store_class: type = RocksDBStore,
     gaps += [f"{cls.__name__}.{name}" for cls, name in fetch_classes if not _assigned_in_init(cls, name)]
     if not hasattr(store_class, "_db_for_partition"):
         gaps.append(f"{store_class.__name__}._db_for_partition")
-    if not _assigned_in_init(store_class, "_dbs"):
+    elif not _assigned_in_init(store_class, "_dbs"):  # (a store without the first lacks both)
         gaps.append(f"{store_class.__name__}._dbs")
     return gaps
 

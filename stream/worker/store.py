@@ -35,8 +35,10 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def put(self, user_id: str, value: bytes, record: Record) -> None: ...
 
-    @abc.abstractmethod
-    def delete(self, user_id: str, record: Record) -> None: ...
+    def delete(self, user_id: str, record: Record) -> None:
+        """Delete the user's value (a forgotten or expired user). Not abstract, so that
+        stores written before deletes existed still load; they cannot forget."""
+        raise NotImplementedError(f"{type(self).__name__} cannot delete states")
 
     def put_many(self, states: Iterable[tuple[str, bytes | None, Record]]) -> None:
         """Write several (user_id, value, record) states, a None value deleting the
