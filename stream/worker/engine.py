@@ -19,11 +19,13 @@ stored. A crash in between brings the batch back; with no state left, events bef
 tombstone would be applied again and bring the user back. The marker's offset makes them
 replays, as a state's offset does; a re-delivered tombstone is a replay too (idempotent).
 Once the tombstone's offset is committed nothing before it can come back, and the worker
-deletes the marker (pipeline.py, `Pipeline.drop_markers`); until then it is replaced by
-the user's next event, and it expires with the state TTL (`state_ttl_ms`) like any idle
-state (the backstop for markers a crash left behind); its event time is the worker's
-event-time watermark when it was written. A tombstone for a user without state on its partition
-does nothing (`clickvec forget` writes one to every partition by default).
+deletes the marker (pipeline.py, `Pipeline.drop_markers`), so the user id leaves the
+table and, compacted, the changelog; until then the user's next event replaces it. A
+marker a crash left behind expires with the state TTL (`state_ttl_ms`) like an idle
+state (its event time is the worker's watermark when it was written), or stays, key and
+40 bytes, until the user's next event when there is no TTL. A tombstone for a user
+without state on its partition does nothing (`clickvec forget` writes one to every
+partition by default).
 
 State TTL (`state_ttl_ms` > 0, event time): each batch asks the store for at most
 `ttl_scan` stored values (a cursor per RocksDB partition, table.py) whose last event time
