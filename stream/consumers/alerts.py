@@ -232,14 +232,20 @@ class AlertHandler:
     def __init__(self, cfg: AlertConfig) -> None:
         self.scorer = AlertScorer(cfg)
         self.scored = 0
-        self.alerts: list[dict[str, Any]] = []  # kept for the summary (bounded)
+        self.kept: dict[str, list[dict[str, Any]]] = {}  # alerts kept for the summary, per user (bounded)
+        self.n_kept = 0
         self.forgotten = 0  # vector-topic tombstones seen
+
+    @property
+    def alerts(self) -> list[dict[str, Any]]:
+        """The alerts kept for the summary, in the order they were published per user."""
+        return sorted((a for kept in self.kept.values() for a in kept), key=lambda a: a["alert_ts"])
 
     def forget(self, user_id: str) -> list[Record]:
         """A vector-topic tombstone: drop what is held about the user (nothing to publish:
         the alerts already published are the alert topic's own records)."""
         self.scorer.users.pop(user_id, None)
-        self.alerts = [a for a in self.alerts if a["user_id"] != user_id]
+        self.n_kept -= len(self.kept.pop(user_id, ()))
         self.forgotten += 1
         return []
 
@@ -250,8 +256,9 @@ class AlertHandler:
             self.scored += 1
             if r.alert:
                 a = r.alert_json()
-                if len(self.alerts) < 100_000:
-                    self.alerts.append(a)
+                if self.n_kept < 100_000:
+                    self.kept.setdefault(m.user_id, []).append(a)
+                    self.n_kept += 1
                 out.append((m.user_id.encode(), json.dumps(a, separators=(",", ":")).encode()))
         return out
 
