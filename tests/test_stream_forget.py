@@ -25,7 +25,13 @@ from clickvec.devtools.synth import SynthConfig, generate_events
 from clickvec.stream.consumers.alerts import AlertConfig, AlertHandler
 from clickvec.stream.consumers.loop import LoopConfig, Tombstone, VectorTopicLoop
 from clickvec.stream.consumers.recommend import ItemIndex, RecommendHandler
-from clickvec.stream.worker.engine import Engine, EngineConfig, MemoryStateStore, Record
+from clickvec.stream.worker.engine import (
+    Engine,
+    EngineConfig,
+    MemoryStateStore,
+    PendingStates,
+    Record,
+)
 from clickvec.stream.worker.state import HEADER_BYTES, UserState, is_erased
 
 
@@ -76,13 +82,26 @@ def _per_user(outputs) -> dict[str, list]:
     return got
 
 
-def _run(engine: Engine, records: list[Record], size: int, store: MemoryStateStore | None = None):
+def _run(engine: Engine, records: list[Record], size: int, store: MemoryStateStore | None = None,
+         ahead: int = 0):
+    """Batches of `size`; `ahead` batches computed before the oldest one's states are
+    stored (the worker's --pipeline-depth, through PendingStates)."""
     store = store if store is not None else MemoryStateStore()
-    outputs = []
-    for i in range(0, len(records), size):
-        res = engine.process(records[i:i + size], store)
-        engine.commit_states(res, store)
+    pending = PendingStates(store)
+    outputs, held = [], []
+    for k, i in enumerate(range(0, len(records), size)):
+        res = engine.process(records[i:i + size], pending)
+        pending.hold(res, k)
+        held.append((k, res))
         outputs += res.outputs
+        while len(held) > ahead:
+            kk, old = held.pop(0)
+            engine.commit_states(old, pending)
+            pending.release(old, kk)
+    for kk, old in held:
+        engine.commit_states(old, pending)
+        pending.release(old, kk)
+    assert len(pending) == 0
     return _per_user(outputs), store
 
 
@@ -95,10 +114,10 @@ def test_tombstones_in_the_engine_do_not_depend_on_batching_and_replay_idempoten
     last = [u for u in by_user if u not in forgotten][0]  # forgotten after all its events
     records = _with_tombstones(events, {u: 2 for u in forgotten}, [last, "never-seen"])
     engine = Engine(bundle)
-    runs = [_run(engine, records, size) for size in (1, 5, 1000)]
+    runs = [_run(engine, records, size, ahead=ahead) for size, ahead in ((1, 0), (5, 0), (1000, 0), (3, 2))]
     ref, store = runs[0]
-    for got, _ in runs[1:]:
-        assert got.keys() == ref.keys()
+    for got, other in runs[1:]:
+        assert got.keys() == ref.keys() and other.data == store.data
         for uid, seq in ref.items():
             assert [x if x == "T" else x[0] for x in got[uid]] == [x if x == "T" else x[0] for x in seq], uid
             for a, b in zip(got[uid], seq, strict=True):
