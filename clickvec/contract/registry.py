@@ -26,8 +26,20 @@ from typing import Any
 
 import numpy as np
 
-from clickvec.contract.avro import EXTRA_HINT, FRAME_HEADER, FRAME_MAGIC, MissingExtraError, schema_text
-from clickvec.contract.events import MAX_MESSAGE_BYTES, ClickEvent, EventError, event_of, parse_event
+from clickvec.contract.avro import (
+    EXTRA_HINT,
+    FRAME_HEADER,
+    FRAME_MAGIC,
+    MissingExtraError,
+    schema_text,
+)
+from clickvec.contract.events import (
+    MAX_MESSAGE_BYTES,
+    ClickEvent,
+    EventError,
+    event_of,
+    parse_event,
+)
 from clickvec.contract.messages import OUT_FORMATS, VectorMessage
 from clickvec.contract.topics import DEFAULT_IN_TOPIC, DEFAULT_OUT_TOPIC
 from clickvec.errors import ClickvecError
