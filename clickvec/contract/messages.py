@@ -169,6 +169,24 @@ _DETAIL_MAX_CHARS = 4_096
 # personal data (the key is usually the user id) that the dead-letter topic, read by
 # operators, should not keep.
 DLQ_PAYLOAD_POLICIES = ("full", "hash", "none")
+# Details that may quote the message (its key, ids, a decoder's view of the bytes): with
+# a policy other than "full" they are replaced by these texts.
+_QUOTING_DETAILS = {
+    "key_mismatch": "the message key's user id is not the event's user_id; key the source topic by user_id",
+    "bad_key": "the message key does not decode to a user id",
+    "undecodable": "the payload does not decode with its registered schema",
+    "schema_violation": "the payload does not validate against its registered JSON Schema",
+}
+
+
+def dead_letter_key(key: bytes | None, payload: str = "full") -> bytes | None:
+    """The Kafka key of a dead letter: the message's key capped in size ("full"), its
+    sha256 ("hash": letters of one key still share a partition), or none ("none")."""
+    if key is None or payload == "none":
+        return None
+    if payload == "hash":
+        return _digest(key).encode()  # type: ignore[union-attr]
+    return key[:DEAD_LETTER_MAX_KEY_BYTES]
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +228,7 @@ class DeadLetter:
         if payload not in DLQ_PAYLOAD_POLICIES:
             raise ValueError(f"dead-letter payload policy must be one of {DLQ_PAYLOAD_POLICIES}, got {payload!r}")
         hashed = payload == "hash"
+        detail = _QUOTING_DETAILS.get(reason, detail)
         return cls(reason, detail[:_DETAIL_MAX_CHARS], topic, partition, offset, None, None, payload=payload,
                    key_size=len(key) if key is not None else None,
                    value_size=len(value) if value is not None else None,

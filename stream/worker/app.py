@@ -107,7 +107,8 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
     if partitions is None or brokers is None:
         md = AdminClient(cfg.librdkafka()).list_topics(timeout=30)
         partitions, brokers = ensure_topics(cfg, md), len(md.brokers)
-    engine = Engine(bundle, EngineConfig(emit=cfg.emit, encoding=cfg.encoding, state_dtype=cfg.state_dtype))
+    engine = Engine(bundle, EngineConfig(emit=cfg.emit, encoding=cfg.encoding, state_dtype=cfg.state_dtype,
+                                         wire=cfg.wire(), dlq_payload=cfg.dlq_payload))
     metrics = Metrics()
     app = _faust_app(cfg, partitions, changelog_replicas(cfg, brokers))
     faust_internals.check(app.consumer)
