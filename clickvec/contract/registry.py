@@ -101,7 +101,8 @@ class WireSettings:
             why = [f"--in-format {self.in_format}"] if self.in_format != "json" else []
             why += ["--key registry"] if self.key_mode == "registry" else []
             why += ["--out-format avro"] if self.out_format == "avro" else []
-            raise RegistrySettingsError(f"{' and '.join(why)} need a Schema Registry: --registry URL")
+            verb = "needs" if len(why) == 1 else "need"
+            raise RegistrySettingsError(f"{' and '.join(why)} {verb} a Schema Registry: --registry URL")
         _require_extra()
 
 
