@@ -49,6 +49,7 @@ KEY_MODES = ("user", "ignore", "registry")
 # Registry keys (--key registry) are Avro: a string or long user id, or a record with a
 # `user_id` field. A mock registry is seeded with these two primitive key schemas.
 KEY_SCHEMAS = ("string", "long")
+_KEY_CACHE = 200_000  # decoded registry keys kept (about 100 bytes each)
 
 # Decoding errors of fastavro, protobuf and the JSON parser on bytes that are not what
 # their schema says.
@@ -354,8 +355,20 @@ def _registry_key_decoder(client: Any) -> Callable[[bytes | None, str], str]:
 
     deser = AvroDeserializer(client, conf=_strategy_conf())
     contexts: dict[str, Any] = {}
+    # A user's key bytes are the same in every event (a schema id never changes what it
+    # names), so each distinct key is decoded once: decoding is most of a key's cost.
+    known: dict[tuple[str, bytes], str] = {}
 
     def decode(key: bytes | None, topic: str) -> str:
+        uid = known.get((topic, key)) if key is not None else None
+        if uid is None:
+            uid = decode_new(key, topic)
+            if len(known) >= _KEY_CACHE:
+                known.clear()
+            known[(topic, key)] = uid  # type: ignore[index]
+        return uid
+
+    def decode_new(key: bytes | None, topic: str) -> str:
         ctx = contexts.get(topic)
         if ctx is None:
             ctx = contexts[topic] = SerializationContext(topic, MessageField.KEY)
