@@ -16,6 +16,8 @@ import hashlib
 import io
 import json
 import struct
+import subprocess
+import time
 from collections import defaultdict
 
 import fastavro
@@ -39,6 +41,7 @@ from clickvec.contract.registry import (
     key_serializer,
     registry_client,
 )
+from clickvec.devtools.proc import clickvec_command, free_port
 from clickvec.devtools.produce import produce_records
 from clickvec.devtools.synth import SynthConfig, generate_events
 
@@ -56,6 +59,15 @@ def _events_with_integer_users(n_users: int, n_events: int, seed: int) -> list[C
 def test_avro_events_with_registry_keys_in_avro_vectors_out(kafka_bootstrap, new_topic, new_group,
                                                              stream_bundle_path, tmp_path):
     src, out, dlq = new_topic(4, "clicks"), new_topic(4, "vectors"), new_topic(4, "dlq")
+    # A registry that does not answer stops the worker at start-up: one line, exit 2.
+    t0 = time.monotonic()
+    down = subprocess.run(clickvec_command("stream", "--model", str(stream_bundle_path), "--brokers", kafka_bootstrap,
+                                           "--in", src, "--in-format", "avro",
+                                           "--registry", f"http://127.0.0.1:{free_port()}"),
+                          capture_output=True, text=True, timeout=120)
+    assert down.returncode == 2, down.stderr
+    assert down.stderr.startswith("clickvec stream: the Schema Registry cannot be reached"), down.stderr
+    assert down.stderr.count("\n") == 1 and time.monotonic() - t0 < 60
     wire = WireSettings(in_format="avro", key_mode="registry", out_format="avro", registry="mock://e2e",
                         in_topic=src, out_topic=out)
     client = registry_client(wire)  # seeded as the worker seeds its own

@@ -140,6 +140,26 @@ def registry_client(settings: WireSettings) -> Any:
     return client
 
 
+def check_registry(settings: WireSettings, timeout: float = 5.0) -> None:
+    """At start-up: a real registry answers, or RegistryUnavailableError in one line
+    within about `timeout` seconds (a mock:// one always does)."""
+    if not settings.uses_registry() or settings.registry.startswith("mock://"):
+        return
+    _require_extra()
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    conf: dict[str, Any] = {"url": settings.registry, "timeout": timeout, "max.retries": 0}
+    if settings.registry_auth:
+        conf["basic.auth.user.info"] = settings.registry_auth
+    try:
+        _asking(SchemaRegistryClient(conf).get_subjects)
+    except SchemaRegistryError as e:
+        raise RegistryUnavailableError(f"the Schema Registry at {settings.registry} refused: {e}") from None
+    except RegistryUnavailableError as e:
+        raise RegistryUnavailableError(f"{e} ({settings.registry})") from None
+
+
 _SAMPLE = ClickEvent("0", "0", "view", 946_684_800_000)
 
 
