@@ -32,7 +32,7 @@ class EventError(ClickvecError):
     """
 
     def __init__(self, reason: str, detail: str) -> None:
-        assert reason in ERROR_REASONS, reason
+        assert reason in ERROR_REASONS or reason in WIRE_ERROR_REASONS, reason
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -51,6 +51,18 @@ ERROR_REASONS: tuple[str, ...] = (
     "non_finite_number",
     "ts_out_of_range",
     "negative_amount",
+)
+
+# Reasons of the Schema-Registry formats and of the message key (clickvec.contract.wire,
+# the worker's engine), beside the reasons above that every format shares once a message
+# is decoded into fields.
+WIRE_ERROR_REASONS: tuple[str, ...] = (
+    "bad_framing",  # not Confluent wire framing (magic byte 0 + 4-byte schema id + payload)
+    "unknown_schema",  # the framing's schema id is not in the registry
+    "undecodable",  # the payload does not decode with its registered schema
+    "schema_violation",  # a JSON Schema payload that its registered schema refuses
+    "bad_key",  # --key registry: the key does not decode, or holds no user id
+    "key_mismatch",  # the key's user id is not the event's user_id
 )
 
 
@@ -172,6 +184,12 @@ def _loads_reference(data: bytes | bytearray | memoryview) -> Any:
         raise
     except (ValueError, RecursionError) as e:
         raise EventError("not_json", str(e)[:200]) from None
+
+
+def event_of(obj: Any) -> ClickEvent:
+    """A `ClickEvent` from already decoded fields (a dict from JSON, Avro, JSON Schema or
+    Protobuf), checked as `parse_event` checks JSON; fields it does not know are ignored."""
+    return _event_of(obj)
 
 
 def _event_of(obj: Any) -> ClickEvent:

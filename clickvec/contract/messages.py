@@ -14,6 +14,8 @@ import orjson
 # ------------------------------------------------------------------ vector message
 
 VECTOR_ENCODINGS = ("json", "f16", "i8")
+# The worker's output formats: the encodings above, and Avro through a Schema Registry.
+OUT_FORMATS = (*VECTOR_ENCODINGS, "avro")
 _BIN_MAGIC = b"CV"
 _BIN_VERSION = 1
 # magic(2) version(1) dtype(1: 1=f16 2=i8) dim(u16) scale(f32)
@@ -60,13 +62,40 @@ class VectorMessage:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> VectorMessage:
-        if data[:2] == _BIN_MAGIC:
-            (n,) = struct.unpack_from("<H", data, 2)
-            meta = json.loads(data[4 : 4 + n])
-            vec = decode_vector(data[4 + n :]).tolist()
-            return cls(vector=vec, **meta)
-        d = json.loads(data)
-        return cls(**d)
+        """Read any encoding the worker writes (json, f16, i8; Avro in Confluent framing,
+        read with this contract's schema). Fields this version does not know are ignored
+        (the contract's evolution rules, clickvec/contract/__init__.py)."""
+        return cls(**vector_fields(data))
+
+
+def vector_fields(data: bytes) -> dict[str, object]:
+    """The fields of a vector message in any encoding, those this contract version knows
+    (`VectorMessage`'s), whichever of them the message has."""
+    if data[:2] == _BIN_MAGIC:
+        (n,) = struct.unpack_from("<H", data, 2)
+        meta = _known(json.loads(data[4 : 4 + n]), _META_FIELDS)
+        meta["vector"] = decode_vector(data[4 + n :]).tolist()
+        return meta
+    if data[:1] == _FRAME_MAGIC:
+        from clickvec.contract.avro import read_vector_frame
+
+        return _known(read_vector_frame(data), _VECTOR_FIELDS)
+    return _known(json.loads(data), _VECTOR_FIELDS)
+
+
+_VECTOR_FIELDS = ("user_id", "model_id", "seq", "event_ts", "emit_ts", "vector", "surprise", "source")
+_META_FIELDS = tuple(f for f in _VECTOR_FIELDS if f != "vector")
+_FRAME_MAGIC = b"\x00"  # Confluent wire framing: magic byte 0, schema id, Avro payload
+
+
+def _known(d: object, names: tuple[str, ...]) -> dict[str, object]:
+    """The fields of `d` this contract version knows; a reader ignores any other."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a message must be an object, got {type(d).__name__}")
+    return {k: d[k] for k in names if k in d}
+
+
+# ------------------------------------------------------------------ binary vector body
 
 
 # The JSON vector message has this one writer; the worker calls its parts directly on
@@ -135,6 +164,29 @@ def decode_vector(data: bytes) -> np.ndarray:
 DEAD_LETTER_MAX_BYTES = 900_000
 DEAD_LETTER_MAX_KEY_BYTES = 16_384
 _DETAIL_MAX_CHARS = 4_096
+# What a dead letter keeps of the bad message (`--dlq-payload`): its bytes ("full"), only
+# their sha256 and size ("hash"), or only their size ("none"). A key or value may hold
+# personal data (the key is usually the user id) that the dead-letter topic, read by
+# operators, should not keep.
+DLQ_PAYLOAD_POLICIES = ("full", "hash", "none")
+# Details that may quote the message (its key, ids, a decoder's view of the bytes): with
+# a policy other than "full" they are replaced by these texts.
+_QUOTING_DETAILS = {
+    "key_mismatch": "the message key's user id is not the event's user_id; key the source topic by user_id",
+    "bad_key": "the message key does not decode to a user id",
+    "undecodable": "the payload does not decode with its registered schema",
+    "schema_violation": "the payload does not validate against its registered JSON Schema",
+}
+
+
+def dead_letter_key(key: bytes | None, payload: str = "full") -> bytes | None:
+    """The Kafka key of a dead letter: the message's key capped in size ("full"), its
+    sha256 ("hash": letters of one key still share a partition), or none ("none")."""
+    if key is None or payload == "none":
+        return None
+    if payload == "hash":
+        return _digest(key).encode()  # type: ignore[union-attr]
+    return key[:DEAD_LETTER_MAX_KEY_BYTES]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +199,11 @@ class DeadLetter:
 
     Dead letters are at-least-once: after a crash, the batch's messages are processed
     again and their dead letters published again. Deduplicate on (topic, partition,
-    offset)."""
+    offset).
+
+    `payload` is the policy it was written with (`DLQ_PAYLOAD_POLICIES`; build one with
+    `DeadLetter.of`): with "hash" or "none", `key` and `value` are None and the sizes
+    (and with "hash" the sha256 hashes) describe the original bytes."""
 
     reason: str
     detail: str
@@ -161,6 +217,22 @@ class DeadLetter:
     value_size: int | None = None
     key_sha256: str | None = None
     value_sha256: str | None = None
+    payload: str = "full"
+
+    @classmethod
+    def of(cls, reason: str, detail: str, topic: str, partition: int, offset: int, key: bytes | None,
+           value: bytes | None, payload: str = "full") -> DeadLetter:
+        """The dead letter of a message, keeping of its key and value what `payload` says."""
+        if payload == "full":
+            return cls(reason, detail, topic, partition, offset, key, value)
+        if payload not in DLQ_PAYLOAD_POLICIES:
+            raise ValueError(f"dead-letter payload policy must be one of {DLQ_PAYLOAD_POLICIES}, got {payload!r}")
+        hashed = payload == "hash"
+        detail = _QUOTING_DETAILS.get(reason, detail)
+        return cls(reason, detail[:_DETAIL_MAX_CHARS], topic, partition, offset, None, None, payload=payload,
+                   key_size=len(key) if key is not None else None,
+                   value_size=len(value) if value is not None else None,
+                   key_sha256=_digest(key) if hashed else None, value_sha256=_digest(value) if hashed else None)
 
     def to_bytes(self, max_bytes: int = DEAD_LETTER_MAX_BYTES) -> bytes:
         out = _letter_json(self, self.key, self.value)
@@ -172,11 +244,8 @@ class DeadLetter:
         """This (untruncated) dead letter with prefixes of the key and value that fit in
         `max_bytes`, their original sizes and sha256 hashes."""
         import dataclasses
-        import hashlib
 
-        def digest(b: bytes | None) -> str | None:
-            return hashlib.sha256(b).hexdigest() if b is not None else None
-
+        digest = _digest
         base = dataclasses.replace(
             self, detail=self.detail[:_DETAIL_MAX_CHARS], truncated=True,
             key=self.key[:DEAD_LETTER_MAX_KEY_BYTES] if self.key is not None else None,
@@ -209,7 +278,14 @@ class DeadLetter:
             value_size=d.get("value_size"),
             key_sha256=d.get("key_sha256"),
             value_sha256=d.get("value_sha256"),
+            payload=d.get("payload", "full"),
         )
+
+
+def _digest(b: bytes | None) -> str | None:
+    import hashlib
+
+    return hashlib.sha256(b).hexdigest() if b is not None else None
 
 
 def _letter_json(d: DeadLetter, key: bytes | None, value: bytes | None) -> bytes:
@@ -228,4 +304,8 @@ def _letter_json(d: DeadLetter, key: bytes | None, value: bytes | None) -> bytes
     if d.truncated:
         fields.update(truncated=True, key_size=d.key_size, value_size=d.value_size,
                       key_sha256=d.key_sha256, value_sha256=d.value_sha256)
+    elif d.payload != "full":
+        fields.update(payload=d.payload, key_size=d.key_size, value_size=d.value_size)
+        if d.payload == "hash":
+            fields.update(key_sha256=d.key_sha256, value_sha256=d.value_sha256)
     return json.dumps(fields, separators=(",", ":")).encode()

@@ -111,7 +111,8 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
         partitions, brokers = ensure_topics(cfg, md), len(md.brokers)
     engine = Engine(bundle, EngineConfig(emit=cfg.emit, encoding=cfg.encoding, state_dtype=cfg.state_dtype,
                                          latest=bool(cfg.latest_topic), state_ttl_ms=cfg.state_ttl_ms,
-                                         ttl_scan=cfg.state_ttl_scan))
+                                         ttl_scan=cfg.state_ttl_scan, wire=cfg.wire(),
+                                         dlq_payload=cfg.dlq_payload))
     metrics = Metrics()
     app = _faust_app(cfg, partitions, changelog_replicas(cfg, brokers))
     faust_internals.check(app.consumer)

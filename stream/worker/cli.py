@@ -96,9 +96,11 @@ def _holding_logs(held: list[logging.LogRecord], hold: bool) -> Iterator[None]:
 def _prepare(args: argparse.Namespace) -> tuple[config_mod.StreamConfig, Any, int, int]:
     """What the worker checks before any Faust client connects, in this order: the
     settings, the model bundle (no connection is made for a bad path), the brokers
-    (reachable, credentials, TLS), the input topic. Returns the resolved settings, the
-    bundle, and the input topic's partition and the cluster's broker counts."""
+    (reachable, credentials, TLS), the Schema Registry if one is used, the input topic.
+    Returns the resolved settings, the bundle, and the input topic's partition and the
+    cluster's broker counts."""
     from clickvec.bundle.reader import load_bundle
+    from clickvec.contract.registry import check_registry
     from clickvec.stream.worker.app import ensure_topics
     from clickvec.stream.worker.probe import cluster_metadata
 
@@ -106,6 +108,7 @@ def _prepare(args: argparse.Namespace) -> tuple[config_mod.StreamConfig, Any, in
     bundle = load_bundle(cfg.model, providers=cfg.providers, intra_op_threads=cfg.intra_op_threads,
                          trust=cfg.trust or None)
     md = cluster_metadata(cfg, debug=args.debug)
+    check_registry(cfg.wire())  # --registry, when a wire format uses one
     partitions = ensure_topics(cfg, md)
     Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
     return cfg, bundle, partitions, len(md.brokers)

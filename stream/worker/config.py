@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from clickvec.contract.messages import DLQ_PAYLOAD_POLICIES, OUT_FORMATS
+from clickvec.contract.registry import WireSettings
 from clickvec.contract.topics import DEFAULT_DLQ_TOPIC, DEFAULT_IN_TOPIC, DEFAULT_OUT_TOPIC
 from clickvec.kafka import KafkaConnection
 
@@ -34,7 +36,7 @@ class StreamConfig:
     # takes smaller batches from Faust; on a 2-core machine 0 gives the higher backlog rate
     # at a few ms more latency (benchmarks/README.md).
     pipeline_depth: int = 0
-    encoding: str = "json"  # json | f16 | i8
+    encoding: str = "json"  # json | f16 | i8 | avro (also --out-format; avro needs --registry)
     state_dtype: str = "f32"  # f32 | f16
     web_host: str = "127.0.0.1"
     web_port: int = 6066
@@ -56,6 +58,13 @@ class StreamConfig:
     # Public key file (PEM, Ed25519): refuse a model bundle unless signed by this key.
     # "": no signature needed (the file hashes still catch damage, but not forgery).
     trust: str = ""
+    # Wire formats (clickvec/contract/registry.py) and what dead letters keep.
+    in_format: str = "json"  # json | avro | jsonschema | protobuf (the last three: Confluent framing, --registry)
+    key_mode: str = "user"  # --key: user (the user id string) | ignore (user id from the value) | registry
+    registry: str = ""  # Schema Registry URL; mock://NAME is confluent-kafka's in-memory registry (tests)
+    registry_auth: str = ""  # USER:PASSWORD for the registry's basic auth
+    dlq_payload: str = "full"  # full: the bad message's bytes | hash: sha256 + size | none: size only
+
     # -- forgetting users: state TTL and the latest-vector topic (engine.py, table.py) --
     # Users idle longer than this in event time ("7d", "12h", "3600s", "500ms"; "": never)
     # are deleted from the state and the changelog, a bounded share per batch.
@@ -71,7 +80,14 @@ class StreamConfig:
         return parse_duration_ms(self.state_ttl) if self.state_ttl else 0
 
     def redacted(self) -> dict[str, Any]:
-        return {**asdict(self), **self.connection().redacted()}
+        out = {**asdict(self), **self.connection().redacted()}
+        if self.registry_auth:
+            out["registry_auth"] = "***"
+        return out
+
+    def wire(self) -> WireSettings:
+        return WireSettings(self.in_format, self.key_mode, self.encoding, self.registry, self.registry_auth,
+                            self.in_topic, self.out_topic)
 
     def connection(self) -> KafkaConnection:
         return KafkaConnection(self.brokers, self.security_protocol, self.sasl_mechanism,
@@ -108,7 +124,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON file with any of the settings below")
     for name, f in _FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        alias = {"in_topic": ["--in"], "out_topic": ["--out"], "dlq_topic": ["--dlq"]}.get(name, [])
+        alias = {"in_topic": ["--in"], "out_topic": ["--out"], "dlq_topic": ["--dlq"],
+                 "encoding": ["--out-format"], "key_mode": ["--key"]}.get(name, [])
         p.add_argument(flag, *alias, dest=name, default=None,
                        help=f"(env CLICKVEC_{name.upper()}; default {f.default!r})")
 
@@ -135,8 +152,11 @@ def resolve(args: argparse.Namespace | None = None, env: dict[str, str] | None =
     cfg = StreamConfig(**{k: _coerce(k, v) for k, v in values.items()})
     if cfg.emit not in ("every", "latest"):
         raise ValueError("emit must be 'every' or 'latest'")
-    if cfg.encoding not in ("json", "f16", "i8"):
-        raise ValueError("encoding must be json, f16 or i8")
+    if cfg.encoding not in OUT_FORMATS:
+        raise ValueError(f"encoding (--out-format) must be one of {', '.join(OUT_FORMATS)}")
+    if cfg.dlq_payload not in DLQ_PAYLOAD_POLICIES:
+        raise ValueError(f"dlq_payload must be one of {', '.join(DLQ_PAYLOAD_POLICIES)}")
+    cfg.wire().check()  # formats, key mode, --registry, the registry extra: one line each
     if cfg.state_dtype not in ("f32", "f16"):
         raise ValueError("state_dtype must be f32 or f16")
     if cfg.state_ttl:

@@ -38,6 +38,7 @@ so that seq 1 is not mistaken for a replay.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -48,13 +49,14 @@ import numpy as np
 
 from clickvec.contract.events import ClickEvent, EventError, parse_event
 from clickvec.contract.messages import (
-    DEAD_LETTER_MAX_KEY_BYTES,
     DeadLetter,
     VectorMessage,
+    dead_letter_key,
     vector_json,
     vector_json_head,
     vector_json_source,
 )
+from clickvec.contract.registry import WireSettings
 from clickvec.features import gap_bucket
 from clickvec.stream.worker.state import (
     StateError,
@@ -113,7 +115,7 @@ class _Plan:
 @dataclass(frozen=True)
 class EngineConfig:
     emit: str = "every"  # "every": a vector after each event; "latest": one per user per batch
-    encoding: str = "json"  # vector encoding: json | f16 | i8
+    encoding: str = "json"  # vector encoding: json | f16 | i8 | avro (through wire.registry)
     state_dtype: str = "f32"  # f32 | f16
     max_padding_ratio: float = 4.0  # above this padded/real cell ratio, split the call by length
     # Users per ONNX Runtime call. The step graph's surprise is a softmax over the whole
@@ -123,6 +125,10 @@ class EngineConfig:
     latest: bool = False  # fill BatchResult.latest (a latest-vector topic is configured)
     state_ttl_ms: int = 0  # event time a user may stay idle before its state is deleted; 0: forever
     ttl_scan: int = 1000  # stored values examined per batch for the TTL
+    # How events and keys are read, and the registry for Avro vectors (its out_format is
+    # `encoding`); what dead letters keep of the message (DLQ_PAYLOAD_POLICIES).
+    wire: WireSettings = WireSettings()
+    dlq_payload: str = "full"
 
 
 class Engine:
@@ -137,6 +143,27 @@ class Engine:
         self.model_id = str(bundle.model_id)
         self.prefix = model_id_prefix(self.model_id)
         self.watermark = -1  # the largest event time seen (the state TTL's clock)
+        self._reader: Any = None  # the contract's EventReader, for formats other than JSON keyed by user id
+        self._encode = self._wire_setup()
+
+    def _wire_setup(self) -> Any:
+        """Choose, once, how events are read and non-JSON vectors written: JSON events
+        keyed by the user id keep `_parse` below; other formats and key modes go through
+        the contract's `EventReader`. Returns the vector encoder for `encoding` != json."""
+        import dataclasses
+
+        from clickvec.contract.registry import EventReader, VectorAvroWriter, registry_client
+
+        enc = self.cfg.encoding
+        wire = dataclasses.replace(self.cfg.wire, out_format=enc)
+        wire.check()
+        client = registry_client(wire) if wire.uses_registry() else None
+        if not wire.is_default():
+            reader = self._reader = EventReader(wire, client)
+            self._parse = functools.partial(self._parse_wire, reader)  # type: ignore[method-assign]
+        if enc == "avro":
+            return VectorAvroWriter(client, wire.out_topic)
+        return lambda msg: msg.to_bytes(enc)
 
     # ------------------------------------------------------------------ parsing
     def _parse(self, rec: Record, result: BatchResult) -> ClickEvent | None:
@@ -155,13 +182,20 @@ class Engine:
             return None
         return ev
 
-    @staticmethod
-    def _dead(rec: Record, reason: str, detail: str, result: BatchResult) -> None:
-        log.warning("dead-lettered %s[%d] offset=%d: %s: %s", rec.topic, rec.partition, rec.offset, reason, detail)
-        dl = DeadLetter(reason, detail, rec.topic, rec.partition, rec.offset, rec.key, rec.value)
+    def _parse_wire(self, reader: Any, rec: Record, result: BatchResult) -> ClickEvent | None:
+        """`_parse` for the other formats and key modes (clickvec.contract.registry)."""
+        try:
+            return reader.event(rec.key, rec.value, rec.topic)  # type: ignore[no-any-return]
+        except EventError as e:
+            self._dead(rec, e.reason, e.detail, result)
+            return None
+
+    def _dead(self, rec: Record, reason: str, detail: str, result: BatchResult) -> None:
+        payload = self.cfg.dlq_payload
+        dl = DeadLetter.of(reason, detail, rec.topic, rec.partition, rec.offset, rec.key, rec.value, payload)
+        log.warning("dead-lettered %s[%d] offset=%d: %s: %s", rec.topic, rec.partition, rec.offset, reason, dl.detail)
         # The message key is capped as the letter is (DEAD_LETTER_MAX_BYTES says why).
-        key = rec.key[:DEAD_LETTER_MAX_KEY_BYTES] if rec.key is not None else None
-        result.dead.append((key, dl.to_bytes(), reason))
+        result.dead.append((dead_letter_key(rec.key, payload), dl.to_bytes(), reason))
 
     # ------------------------------------------------------------------ the batch
     def process(self, records: Sequence[Record], store: StateStore) -> BatchResult:
@@ -217,7 +251,13 @@ class Engine:
         return per_user
 
     def _tombstone_user(self, rec: Record, result: BatchResult) -> str | None:
-        """The user a tombstone forgets: its key (the input's key is the user id)."""
+        """The user a tombstone forgets: the one its key names."""
+        if self._reader is not None:
+            try:
+                return self._reader.user_of_key(rec.key, rec.topic)  # type: ignore[no-any-return]
+            except EventError as e:
+                self._dead(rec, e.reason, e.detail, result)
+                return None
         if not rec.key:
             self._dead(rec, "empty_message", "a tombstone (null value) needs the user id as its key", result)
             return None
@@ -403,7 +443,7 @@ class Engine:
                 else:
                     msg = VectorMessage(uid, self.model_id, st.seq + t + 1, ev.ts, now_ms, z, sur_all[t][b],
                                         f"{rec.topic}[{rec.partition}]@{rec.offset}")
-                    outputs.append((key, msg.to_bytes(enc)))
+                    outputs.append((key, self._encode(msg)))
             if latest is not None:
                 latest[key] = outputs[-1][1]
             result.applied += n
