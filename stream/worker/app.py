@@ -17,6 +17,7 @@ from faust.types import TP
 
 from clickvec.bundle.reader import load_bundle
 from clickvec.errors import ClickvecError
+from clickvec.kafka import replication_defaults
 from clickvec.stream.worker import faust_internals
 from clickvec.stream.worker.config import StreamConfig
 from clickvec.stream.worker.continuity import Continuity
@@ -109,7 +110,8 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
         partitions, brokers = ensure_topics(cfg, md), len(md.brokers)
     engine = Engine(bundle, EngineConfig(emit=cfg.emit, encoding=cfg.encoding, state_dtype=cfg.state_dtype))
     metrics = Metrics()
-    app = _faust_app(cfg, partitions, changelog_replicas(cfg, brokers))
+    replicas = changelog_replicas(cfg, brokers)
+    app = _faust_app(cfg, partitions, replicas)
     faust_internals.check(app.consumer)
     faust_internals.read_committed(app.consumer)
 
@@ -117,6 +119,7 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
                          value_serializer="raw", partitions=partitions)
     table = app.Table(
         TABLE_NAME, default=None, partitions=partitions, key_type=bytes, value_type=bytes,
+        extra_topic_configs=replication_defaults(replicas)[1],
         options={"block_cache_size": cfg.rocksdb_block_cache_mb << 20,
                  "write_buffer_size": cfg.rocksdb_write_buffer_mb << 20,
                  "max_write_buffer_number": 2},

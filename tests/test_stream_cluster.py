@@ -1,0 +1,109 @@
+"""The worker on a 3-node KRaft cluster (clickvec.devtools.cluster) while the leader of
+an input partition, and then of a changelog partition, is SIGKILLed mid-stream: nothing
+lost, nothing applied twice, every user exact, and the worker never stops.
+
+Topics clickvec creates are replicated 3 times with `min.insync.replicas` 2, so an
+acknowledged write (acks=all) lives on two nodes and a node lost loses none of it."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+import stream_util as su
+
+from clickvec.bundle.reader import load_bundle
+from clickvec.devtools.produce import produce_events
+from clickvec.devtools.synth import SynthConfig, generate_events
+from clickvec.kafka import KafkaConnection
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """Three nodes, small heaps and C1-only JITs: three JVMs share this machine's
+    cores with the worker, and start-up time is what a test pays for them."""
+    from clickvec.devtools import broker
+
+    try:
+        c = broker.start_cluster(tmp_path_factory.mktemp("cluster"), nodes=3, heap="384m",
+                                 jvm_opts=("-XX:TieredStopAtLevel=1",))
+    except Exception as e:  # BrokerError carries the log tails
+        pytest.fail(f"the 3-node Kafka cluster could not start:\n{e}", pytrace=False)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _topic_settings(bootstrap: str, topics: list[str]) -> dict[str, tuple[set[int], str]]:
+    """Per topic: (replica counts of its partitions, its min.insync.replicas)."""
+    from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    md = admin.list_topics(timeout=10)
+    res = {t: ConfigResource(ResourceType.TOPIC, t) for t in topics}
+    futures = admin.describe_configs(list(res.values()))
+    return {t: ({len(p.replicas) for p in md.topics[t].partitions.values()},
+                futures[res[t]].result(10)["min.insync.replicas"].value) for t in topics}
+
+
+def _wait_topic(bootstrap: str, topic: str, w: su.WorkerProcess, timeout: float = 60) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + timeout
+    while topic not in admin.list_topics(timeout=10).topics:
+        assert w.alive() and time.monotonic() < deadline, f"no topic {topic}:\n{w.log_tail()}"
+        time.sleep(0.2)
+
+
+def _kill_leader(cluster, topic: str, partition: int) -> int:
+    node = cluster.leader(topic, partition)
+    cluster.kill(node)
+    return node
+
+
+def test_leader_loss_mid_stream_loses_nothing(cluster, stream_bundle_path, tmp_path):
+    boot = cluster.bootstrap
+    tag = uuid.uuid4().hex[:8]
+    src, out, dlq, group = f"clicks-{tag}", f"vectors-{tag}", f"dlq-{tag}", f"g-{tag}"
+    changelog = f"{group}-user-state-changelog"
+    KafkaConnection(brokers=boot).ensure_topic(src, 4)  # as `clickvec produce` creates it
+    events = generate_events(SynthConfig(n_users=300, seed=31, mean_events=20))[:4000]
+    bundle = load_bundle(stream_bundle_path, providers="cpu")
+    produced: list[int] = []
+    producer = threading.Thread(target=lambda: produced.append(produce_events(events, boot, src, rate=200.0)),
+                                daemon=True)
+    producer.start()
+    w = su.WorkerProcess(boot, stream_bundle_path, src, out, dlq, group, tmp_path / "s", tmp_path / "w.log").start()
+    _wait_topic(boot, out, w)  # the worker creates it
+    reader = su.TopicReader(boot, out)
+    progress = lambda f: lambda m: su.VectorLog.of(m).distinct() >= f * len(events)  # noqa: E731
+    killed = []
+    try:
+        su.wait_for(reader, progress(0.15), 90, [w])
+        killed.append(_kill_leader(cluster, src, 0))
+        su.wait_for(reader, progress(0.35), 90, [w])  # the worker goes on with a node down
+        cluster.start_node(killed[-1])
+        cluster.wait_in_sync([src, out, changelog])
+        killed.append(_kill_leader(cluster, changelog, 0))
+        su.wait_for(reader, progress(0.6), 90, [w])
+        cluster.start_node(killed[-1])
+        producer.join(60)
+        su.wait_for(reader, progress(1.0), 90, [w])
+        reader.poll(1.0)
+        assert w.alive(), "the worker stopped"
+    finally:
+        rc = w.stop()
+        reader.close()
+    assert rc == 0, w.log_tail()
+    assert produced == [len(events)]
+    stats = su.check_vectors(bundle, events, su.VectorLog.of(reader.messages))
+    assert stats["users"] == len({e.user_id for e in events})
+    settings = _topic_settings(boot, [src, out, dlq, changelog])
+    assert settings == {t: ({3}, "2") for t in settings}, settings
+    print("leader loss x2:", killed, stats)
