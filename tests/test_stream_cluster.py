@@ -36,7 +36,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     try:
         yield c
     finally:
-        c.stop()
+        for node in range(1, len(c.nodes) + 1):  # its data is thrown away: no clean shutdown to wait for
+            c.kill(node)
 
 
 def _topic_settings(bootstrap: str, topics: list[str]) -> dict[str, tuple[set[int], str]]:
@@ -67,6 +68,25 @@ def _kill_leader(cluster, topic: str, partition: int) -> int:
     return node
 
 
+class Feed:
+    """The events at `rate` per second until `rush()`, then the rest at once: the kills
+    fall while events flow, and the test does not wait out a fixed rate after them."""
+
+    def __init__(self, events: list, rate: float) -> None:
+        self.events, self.rate, self.rushing = events, rate, threading.Event()
+
+    def rush(self) -> None:
+        self.rushing.set()
+
+    def __iter__(self):
+        t = time.monotonic()
+        for e in self.events:
+            if not self.rushing.is_set():
+                t += 1.0 / self.rate
+                time.sleep(max(0.0, t - time.monotonic()))
+            yield e
+
+
 def test_leader_loss_mid_stream_loses_nothing(cluster, stream_bundle_path, tmp_path):
     boot = cluster.bootstrap
     tag = uuid.uuid4().hex[:8]
@@ -75,29 +95,35 @@ def test_leader_loss_mid_stream_loses_nothing(cluster, stream_bundle_path, tmp_p
     KafkaConnection(brokers=boot).ensure_topic(src, 4)  # as `clickvec produce` creates it
     events = generate_events(SynthConfig(n_users=300, seed=31, mean_events=20))[:4000]
     bundle = load_bundle(stream_bundle_path, providers="cpu")
-    produced: list[int] = []
-    producer = threading.Thread(target=lambda: produced.append(produce_events(events, boot, src, rate=200.0)),
-                                daemon=True)
+    feed, produced = Feed(events, rate=150.0), []
+    producer = threading.Thread(target=lambda: produced.append(produce_events(feed, boot, src)), daemon=True)
     producer.start()
     w = su.WorkerProcess(boot, stream_bundle_path, src, out, dlq, group, tmp_path / "s", tmp_path / "w.log").start()
     _wait_topic(boot, out, w)  # the worker creates it
     reader = su.TopicReader(boot, out)
-    progress = lambda f: lambda m: su.VectorLog.of(m).distinct() >= f * len(events)  # noqa: E731
+
+    def more(n: int):
+        """A `wait_for` condition: `n` more distinct vectors than read so far."""
+        want = su.VectorLog.of(reader.messages).distinct() + n
+        return lambda m: su.VectorLog.of(m).distinct() >= want
+
     killed = []
     try:
-        su.wait_for(reader, progress(0.15), 90, [w])
+        su.wait_for(reader, more(400), 90, [w])
         killed.append(_kill_leader(cluster, src, 0))
-        su.wait_for(reader, progress(0.35), 90, [w])  # the worker goes on with a node down
+        su.wait_for(reader, more(300), 90, [w])  # the worker goes on with a node down
         cluster.start_node(killed[-1])
-        cluster.wait_in_sync([src, out, changelog])
+        cluster.wait_in_sync([src, out, changelog])  # so the next loss leaves 2 in sync
         killed.append(_kill_leader(cluster, changelog, 0))
-        su.wait_for(reader, progress(0.6), 90, [w])
+        su.wait_for(reader, more(300), 90, [w])
+        feed.rush()
         cluster.start_node(killed[-1])
         producer.join(60)
-        su.wait_for(reader, progress(1.0), 90, [w])
+        su.wait_for(reader, lambda m: su.VectorLog.of(m).distinct() >= len(events), 90, [w])
         reader.poll(1.0)
         assert w.alive(), "the worker stopped"
     finally:
+        feed.rush()
         rc = w.stop()
         reader.close()
     assert rc == 0, w.log_tail()
