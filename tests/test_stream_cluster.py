@@ -19,8 +19,6 @@ from clickvec.devtools.produce import produce_events
 from clickvec.devtools.synth import SynthConfig, generate_events
 from clickvec.kafka import KafkaConnection
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
@@ -87,6 +85,8 @@ class Feed:
             yield e
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_leader_loss_mid_stream_loses_nothing(cluster, stream_bundle_path, tmp_path):
     boot = cluster.bootstrap
     tag = uuid.uuid4().hex[:8]
@@ -113,11 +113,11 @@ def test_leader_loss_mid_stream_loses_nothing(cluster, stream_bundle_path, tmp_p
         killed.append(_kill_leader(cluster, src, 0))
         su.wait_for(reader, more(300), 90, [w])  # the worker goes on with a node down
         cluster.start_node(killed[-1])
-        cluster.wait_in_sync([src, out, changelog])  # so the next loss leaves 2 in sync
+        cluster.wait_in_sync([src, out, dlq, changelog])  # so the next loss leaves 2 in sync
         killed.append(_kill_leader(cluster, changelog, 0))
         su.wait_for(reader, more(300), 90, [w])
         feed.rush()
-        cluster.start_node(killed[-1])
+        cluster.start_node(killed[-1], wait=False)  # the worker finishes while it starts
         producer.join(60)
         su.wait_for(reader, lambda m: su.VectorLog.of(m).distinct() >= len(events), 90, [w])
         reader.poll(1.0)
@@ -130,6 +130,22 @@ def test_leader_loss_mid_stream_loses_nothing(cluster, stream_bundle_path, tmp_p
     assert produced == [len(events)]
     stats = su.check_vectors(bundle, events, su.VectorLog.of(reader.messages))
     assert stats["users"] == len({e.user_id for e in events})
+    cluster.wait_ready()
     settings = _topic_settings(boot, [src, out, dlq, changelog])
     assert settings == {t: ({3}, "2") for t in settings}, settings
     print("leader loss x2:", killed, stats)
+
+
+def test_broker_cli_keeps_cluster_and_single_broker_dirs_apart(tmp_path, capsys):
+    """`clickvec broker start` on a cluster dir (or `--nodes 3` on a broker dir) refuses in
+    one line rather than formatting a second, empty broker beside the data."""
+    from clickvec.devtools.broker import main
+
+    (tmp_path / "c" / "node-1").mkdir(parents=True)
+    (tmp_path / "c" / "node-1" / "server.properties").write_text("node.id=1\n")
+    (tmp_path / "b" / "data").mkdir(parents=True)
+    (tmp_path / "b" / "data" / "meta.properties").write_text("node.id=1\n")
+    assert main(["start", "--dir", str(tmp_path / "c")]) == 1
+    assert "holds a cluster; start it with --nodes N" in capsys.readouterr().err
+    assert main(["start", "--dir", str(tmp_path / "b"), "--nodes", "3"]) == 1
+    assert "holds a single broker; start it without --nodes" in capsys.readouterr().err

@@ -398,7 +398,11 @@ def _start_cluster(args: argparse.Namespace) -> int:
 
 def _start(args: argparse.Namespace) -> int:
     if args.nodes > 1:
+        if (args.dir / "data" / "meta.properties").is_file():
+            raise BrokerError(f"{args.dir} holds a single broker; start it without --nodes, or use another --dir")
         return _start_cluster(args)
+    if (args.dir / "node-1" / "server.properties").is_file():
+        raise BrokerError(f"{args.dir} holds a cluster; start it with --nodes N, or use another --dir")
     old = read_state(args.dir)
     if old is not None and old.alive():
         print(f"bootstrap={old.bootstrap}")

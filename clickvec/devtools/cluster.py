@@ -65,9 +65,9 @@ class Cluster:
     def stop_node(self, node_id: int, timeout: float = 30.0) -> None:
         self.node(node_id).stop(timeout)
 
-    def start_node(self, node_id: int, timeout: float = 60.0) -> None:
+    def start_node(self, node_id: int, timeout: float = 60.0, wait: bool = True) -> None:
         """Start a stopped or killed node again on its dir and ports; return once the
-        cluster lists it as a live broker."""
+        cluster lists it as a live broker (at once without `wait`: `wait_ready` then)."""
         b = self.node(node_id)
         if b.alive():
             return
@@ -75,12 +75,13 @@ class Cluster:
             _wait_port_free(p, 30.0)
         proc = _spawn(self._cmds[node_id - 1], b.data_dir, b.log_dir, self.die_with_parent, False)
         b.process, b.pid = proc, proc.pid
-        # Asked through the node itself: the others may still list it from before it died.
-        _wait_brokers(self, timeout, via=b)
+        if wait:  # asked through the node itself: the others may still list it from before it died
+            _wait_brokers(self, timeout, via=b)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until every node runs and the cluster's metadata lists all of them."""
-        _wait_brokers(self, timeout)
+        """Until every node runs and each lists all of them as live brokers."""
+        for b in self.nodes:
+            _wait_brokers(self, timeout, via=b)
 
     def leader(self, topic: str, partition: int, timeout: float = 30.0) -> int:
         """Node id leading `topic`'s `partition` (waits while it has none)."""
