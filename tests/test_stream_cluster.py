@@ -122,18 +122,25 @@ def test_leader_loss_mid_stream_loses_nothing(cluster, stream_bundle_path, tmp_p
         su.wait_for(reader, lambda m: su.VectorLog.of(m).distinct() >= len(events), 90, [w])
         reader.poll(1.0)
         assert w.alive(), "the worker stopped"
+        # SIGTERM while a leader's node is down: the consumer's fetches to it wait in
+        # their retry backoff, which once hung the worker's shutdown.
+        cluster.wait_ready()
+        killed.append(_kill_leader(cluster, src, 0))
+        time.sleep(1.0)
     finally:
         feed.rush()
-        rc = w.stop()
+        t0 = time.monotonic()
+        rc = w.stop(timeout=60)
+        stop_s = time.monotonic() - t0
         reader.close()
     assert rc == 0, w.log_tail()
+    assert stop_s < 30, f"the worker took {stop_s:.0f}s to stop"
     assert produced == [len(events)]
     stats = su.check_vectors(bundle, events, su.VectorLog.of(reader.messages))
     assert stats["users"] == len({e.user_id for e in events})
-    cluster.wait_ready()
     settings = _topic_settings(boot, [src, out, dlq, changelog])
     assert settings == {t: ({3}, "2") for t in settings}, settings
-    print("leader loss x2:", killed, stats)
+    print("leader loss x3 (nodes killed):", killed, stats, f"stop {stop_s:.1f}s")
 
 
 def test_broker_cli_keeps_cluster_and_single_broker_dirs_apart(tmp_path, capsys):

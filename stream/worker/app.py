@@ -114,6 +114,7 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
     app = _faust_app(cfg, partitions, replicas)
     faust_internals.check(app.consumer)
     faust_internals.read_committed(app.consumer)
+    faust_internals.stop_despite_fetch_backoff(app.consumer)
 
     in_topic = app.topic(cfg.in_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                          value_serializer="raw", partitions=partitions)
