@@ -361,8 +361,8 @@ def _stop(args: argparse.Namespace) -> int:
         from clickvec.devtools.cluster import CLUSTER_FILE, Cluster
 
         Cluster(Path(args.dir).resolve(), nodes).stop()
-        for b in nodes:
-            (b.data_dir / STATE_FILE).unlink(missing_ok=True)
+        for node in nodes:
+            (node.data_dir / STATE_FILE).unlink(missing_ok=True)
         (Path(args.dir) / CLUSTER_FILE).unlink(missing_ok=True)
         print(f"stopped {len(nodes)} nodes")
         return 0

@@ -45,7 +45,6 @@ class Cluster:
 
     data_dir: Path
     nodes: list[Broker]
-    heap: str = "384m"
     die_with_parent: bool = True
     _cmds: list[list[str]] = field(default_factory=list, repr=False)
 
@@ -80,8 +79,9 @@ class Cluster:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Until every node runs and each lists all of them as live brokers."""
+        deadline = time.monotonic() + timeout
         for b in self.nodes:
-            _wait_brokers(self, timeout, via=b)
+            _wait_brokers(self, max(1.0, deadline - time.monotonic()), via=b)
 
     def leader(self, topic: str, partition: int, timeout: float = 30.0) -> int:
         """Node id leading `topic`'s `partition` (waits while it has none)."""
@@ -195,15 +195,16 @@ def _prepare(data_dir: Path, nodes: int, extra: dict[str, str] | None, reset: bo
     formatted = [(d / "data" / "meta.properties").is_file() for d in dirs]
     hint = "or start with --reset to delete this cluster's data"
     if all(formatted):
-        ports = [read_ports(d / "server.properties") for d in dirs]
-        if any(p is None for p in ports):
+        read = [read_ports(d / "server.properties") for d in dirs]
+        ports = [p for p in read if p is not None]
+        if len(ports) != len(read):
             raise BrokerError(f"a node's server.properties in {data_dir} names no listener ports; restore it, {hint}")
-        for p in (p for pair in ports for p in pair):  # type: ignore[union-attr]
+        for p in (p for pair in ports for p in pair):
             if not port_free(p):
                 raise BrokerError(f"port {p} of the cluster in {data_dir} is in use by another process; "
                                   f"stop that process, {hint}")
         log.info("reusing formatted cluster dir %s", data_dir)
-        _write_properties(dirs, ports, extra)  # type: ignore[arg-type]
+        _write_properties(dirs, ports, extra)  # the controllers' addresses stay as formatted
         return dirs, True
     if any(formatted) or any((d / "data").is_dir() and any((d / "data").iterdir()) for d in dirs):
         raise BrokerError(f"{data_dir} holds a partial cluster (other node count?); move it away, {hint}")
@@ -253,7 +254,7 @@ def start_cluster(
             list(pool.map(lambda d: format_storage(java, classpath, d / "server.properties", cluster_id), dirs))
     cmds = [java_command(java, heap, d / "logs", classpath, d / "server.properties", jvm_opts) for d in dirs]
     members: list[Broker] = []
-    c = Cluster(data_dir, members, heap, die_with_parent, cmds)
+    c = Cluster(data_dir, members, die_with_parent, cmds)
     t0 = time.monotonic()
     try:
         for d, cmd in zip(dirs, cmds, strict=True):
