@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
@@ -147,11 +148,13 @@ class Continuity:
         for tp in retrying(committed, f"committed offsets of {self.topic}", self.timeout):
             off = tp.offset
             if off == OFFSET_INVALID or off < 0:
-                low = TopicPartition(self.topic, tp.partition)
-                off = retrying(lambda low=low: c.get_watermark_offsets(low, timeout=self.timeout)[0],
+                off = retrying(partial(self._low_watermark, c, tp.partition),
                                f"low watermark of {self.topic}[{tp.partition}]", self.timeout)
             out[tp.partition] = off
         return out
+
+    def _low_watermark(self, c: Consumer, partition: int) -> int:
+        return int(c.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=self.timeout)[0])
 
     def _read(self, partition: int, start: int, end: int) -> list[Record]:
         """Records of [start, end) of one partition (fewer where the log has none)."""
