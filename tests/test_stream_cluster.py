@@ -1,6 +1,7 @@
 """The worker on a 3-node KRaft cluster (clickvec.devtools.cluster) while the leader of
-an input partition, and then of a changelog partition, is SIGKILLed mid-stream: nothing
-lost, nothing applied twice, every user exact, and the worker never stops.
+an input partition, and then of a changelog partition, is SIGKILLed mid-stream and its
+node started again: nothing lost, nothing applied twice, every user exact, and the worker
+never stops; then it stops cleanly on SIGTERM while a third leader's node is down.
 
 Topics clickvec creates are replicated 3 times with `min.insync.replicas` 2, so an
 acknowledged write (acks=all) lives on two nodes and a node lost loses none of it."""
