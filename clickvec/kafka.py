@@ -28,6 +28,16 @@ PASSWORD_ENV = "CLICKVEC_SASL_PASSWORD"
 PARTITION_EOF = -191
 
 
+def replication_defaults(brokers: int) -> tuple[int, dict[str, str]]:
+    """(replication factor, topic config) clickvec creates its topics with on a cluster
+    of `brokers`: min(3, brokers) replicas, and `min.insync.replicas` 2 when there are 3
+    or more, so an acknowledged write (acks=all) is on two brokers and losing any one
+    loses nothing and stops no writer; 1 on smaller clusters, where 2 would stop every
+    write while one broker is down."""
+    replicas = max(1, min(3, brokers))
+    return replicas, {"min.insync.replicas": "2" if replicas >= 3 else "1"}
+
+
 class TopicError(ClickvecError):
     """A topic that could not be created or looked up. Action: check that the brokers are
     reachable and that this principal may create topics, or create the topic yourself."""
@@ -136,7 +146,10 @@ class KafkaConnection:
                      config: dict[str, str] | None = None, timeout: float = 30.0) -> bool:
         """Create `topic` with `partitions` partitions unless it exists (a topic that exists
         with another count is left as it is, with a warning); True if this call created it.
-        Returns once the brokers list the new topic with all its partitions."""
+        Returns once the brokers list the new topic with all its partitions.
+
+        `replication_factor` -1 and no `min.insync.replicas` in `config`: the defaults of
+        `replication_defaults` for the brokers the cluster lists."""
         from confluent_kafka import KafkaError, KafkaException
         from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -148,8 +161,13 @@ class KafkaConnection:
                 log.warning("topic %s exists with %d partitions (asked for %d); left as is",
                             topic, have, partitions)
             return False
+        replicas, defaults = replication_defaults(len(md.brokers))
+        if replication_factor <= 0:
+            replication_factor = replicas
+        else:
+            defaults = replication_defaults(replication_factor)[1]
         new = NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor,
-                       config=dict(config or {}))
+                       config={**defaults, **(config or {})})
         try:
             admin.create_topics([new], operation_timeout=timeout)[topic].result(timeout)
         except KafkaException as e:

@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from clickvec.devtools.brokerconf import (
     DEFAULT_DIR,
@@ -40,7 +41,11 @@ from clickvec.devtools.brokerconf import (
 )
 from clickvec.devtools.proc import ChildProcess, free_port, port_free, tail
 
-__all__ = ["KAFKA_VERSION", "Broker", "BrokerError", "fetch_jars", "read_state", "start", "write_state"]
+if TYPE_CHECKING:
+    from clickvec.devtools.cluster import Cluster
+
+__all__ = ["KAFKA_VERSION", "Broker", "BrokerError", "fetch_jars", "read_state", "start", "start_cluster",
+           "write_state"]
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +279,14 @@ def start(
     return b
 
 
+def start_cluster(data_dir: str | Path, nodes: int = 3, **kwargs: Any) -> Cluster:
+    """A cluster of `nodes` KRaft nodes on loopback (cluster.py); `kwargs` as
+    `cluster.start_cluster` takes them."""
+    from clickvec.devtools.cluster import start_cluster as _start_cluster
+
+    return _start_cluster(data_dir, nodes, **kwargs)
+
+
 def _spawn(cmd: list[str], data_dir: Path, log_dir: Path, tie: bool, foreground: bool) -> subprocess.Popen[bytes]:
     if foreground:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=data_dir)
@@ -311,6 +324,8 @@ def _parser() -> argparse.ArgumentParser:
     ps.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the broker")
     ps.add_argument("--reset", action="store_true",
                     help="delete the broker's data (topics, records) and format it afresh")
+    ps.add_argument("--nodes", type=int, default=1,
+                    help="start a cluster of this many nodes in --dir/node-N (default: %(default)s, one broker)")
     for name, help_ in (("stop", "stop the broker recorded in --dir"), ("status", "is it running?")):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--dir", type=Path, default=DEFAULT_DIR)
@@ -318,7 +333,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cluster_nodes(data_dir: Path) -> list[Broker] | None:
+    """The nodes recorded in a cluster dir (`start --nodes N`), or None for a broker dir."""
+    from clickvec.devtools.cluster import read_cluster_nodes
+
+    dirs = read_cluster_nodes(Path(data_dir).resolve())
+    return None if dirs is None else [b for b in map(read_state, dirs) if b is not None]
+
+
 def _status(args: argparse.Namespace) -> int:
+    nodes = _cluster_nodes(args.dir)
+    if nodes is not None:
+        live = [b for b in nodes if b.alive()]
+        print(f"bootstrap={','.join(b.bootstrap for b in nodes)}\nnodes={len(nodes)}\nrunning={len(live)}")
+        return 0 if live else 1
     b = read_state(args.dir)
     if b is None or not b.alive():
         print(f"stopped (no running broker recorded in {args.dir})")
@@ -328,6 +356,16 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
+    nodes = _cluster_nodes(args.dir)
+    if nodes is not None:
+        from clickvec.devtools.cluster import CLUSTER_FILE, Cluster
+
+        Cluster(Path(args.dir).resolve(), nodes).stop()
+        for node in nodes:
+            (node.data_dir / STATE_FILE).unlink(missing_ok=True)
+        (Path(args.dir) / CLUSTER_FILE).unlink(missing_ok=True)
+        print(f"stopped {len(nodes)} nodes")
+        return 0
     b = read_state(args.dir)
     if b is None:
         print(f"no broker recorded in {args.dir}")
@@ -338,7 +376,33 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_cluster(args: argparse.Namespace) -> int:
+    from clickvec.devtools.cluster import start_cluster as _start_nodes
+    from clickvec.devtools.cluster import write_cluster_state
+
+    nodes = _cluster_nodes(args.dir)
+    if nodes and any(b.alive() for b in nodes):
+        print(f"bootstrap={','.join(b.bootstrap for b in nodes)}")
+        log.info("cluster already running")
+        return 0
+    if args.foreground or args.port or args.controller_port:
+        raise BrokerError("--nodes N takes neither --foreground nor --port/--controller-port")
+    c = _start_nodes(args.dir, args.nodes, timeout=max(args.timeout, 90.0), heap=args.heap,
+                     die_with_parent=False, reset=args.reset)
+    for b in c.nodes:
+        write_state(b)
+    write_cluster_state(c)
+    print(f"bootstrap={c.bootstrap}", flush=True)
+    return 0
+
+
 def _start(args: argparse.Namespace) -> int:
+    if args.nodes > 1:
+        if (args.dir / "data" / "meta.properties").is_file():
+            raise BrokerError(f"{args.dir} holds a single broker; start it without --nodes, or use another --dir")
+        return _start_cluster(args)
+    if (args.dir / "node-1" / "server.properties").is_file():
+        raise BrokerError(f"{args.dir} holds a cluster; start it with --nodes N, or use another --dir")
     old = read_state(args.dir)
     if old is not None and old.alive():
         print(f"bootstrap={old.bootstrap}")

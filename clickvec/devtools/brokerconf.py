@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +142,7 @@ def server_properties(
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.bootstrap.servers": f"127.0.0.1:{controller_port}",
-        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-        "log.dirs": str(data_dir / "data"),
+        **_listeners(data_dir, port, controller_port),
         "num.partitions": "1",
         "auto.create.topics.enable": "true",
         "offsets.topic.replication.factor": "1",
@@ -155,6 +151,55 @@ def server_properties(
         "share.coordinator.state.topic.replication.factor": "1",
         "share.coordinator.state.topic.min.isr": "1",
         "group.initial.rebalance.delay.ms": "0",
+    }
+    props.update(extra or {})
+    return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+def _listeners(data_dir: Path, port: int, controller_port: int) -> dict[str, str]:
+    return {
+        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "log.dirs": str(data_dir / "data"),
+    }
+
+
+def cluster_node_properties(
+    node_dir: Path, node_id: int, ports: list[tuple[int, int]], extra: dict[str, str] | None = None
+) -> str:
+    """server.properties of node `node_id` (1-based) of a loopback cluster whose nodes
+    listen on `ports` [(client, controller)]: every node is broker and controller, and
+    the controllers form a static quorum (`controller.quorum.voters`).
+
+    Internal topics are replicated min(3, nodes) times with min ISR 2 where that leaves a
+    node to lose; the topics a client creates keep Kafka's defaults (clickvec's own topic
+    defaults are set by the client, clickvec/kafka.py). Failure detection is quicker than
+    Kafka's defaults (a fenced broker after 4 s instead of 9 s) so a dead leader is
+    replaced within seconds; fewer offsets/transaction partitions keep start-up short."""
+    n = len(ports)
+    port, controller_port = ports[node_id - 1]
+    rf, min_isr = str(min(3, n)), str(2 if n >= 3 else 1)
+    voters = ",".join(f"{i}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports, 1))
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": str(node_id),
+        "controller.quorum.voters": voters,
+        **_listeners(node_dir, port, controller_port),
+        "num.partitions": "1",
+        "auto.create.topics.enable": "true",
+        "offsets.topic.replication.factor": rf,
+        "offsets.topic.num.partitions": "6",
+        "transaction.state.log.replication.factor": rf,
+        "transaction.state.log.min.isr": min_isr,
+        "transaction.state.log.num.partitions": "6",
+        "share.coordinator.state.topic.replication.factor": rf,
+        "share.coordinator.state.topic.min.isr": min_isr,
+        "group.initial.rebalance.delay.ms": "0",
+        "broker.heartbeat.interval.ms": "500",
+        "broker.session.timeout.ms": "4000",
     }
     props.update(extra or {})
     return "".join(f"{k}={v}\n" for k, v in props.items())
@@ -175,13 +220,17 @@ def read_ports(props_path: Path) -> tuple[int, int] | None:
     return None
 
 
-def format_storage(java: str, classpath: str, props_path: Path) -> None:
-    """`kafka-storage format --standalone` with a new cluster id."""
+def format_storage(java: str, classpath: str, props_path: Path, cluster_id: str = "") -> None:
+    """`kafka-storage format`: `--standalone` with a new cluster id, or, given the
+    `cluster_id` of a cluster whose voters server.properties names, one of its nodes."""
+    how = ["-t", cluster_id] if cluster_id else ["--standalone", "-t", new_cluster_id()]
+    # A tool that runs for a second or two: the C1 compiler alone and the serial collector
+    # spend less CPU on it than the JVM's defaults (a third less on two cores).
     fmt = subprocess.run(
-        [java, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
-         "-t", new_cluster_id(), "-c", str(props_path)],
+        [java, "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-cp", classpath, "kafka.tools.StorageTool",
+         "format", *how, "-c", str(props_path)],
         capture_output=True, text=True,
-    )  # fmt: skip
+    )
     if fmt.returncode != 0:
         raise BrokerError(
             f"kafka-storage format failed (exit {fmt.returncode})",
@@ -189,11 +238,13 @@ def format_storage(java: str, classpath: str, props_path: Path) -> None:
         )
 
 
-def java_command(java: str, heap: str, log_dir: Path, classpath: str, props_path: Path) -> list[str]:
-    """The broker's JVM command line, as the release tarball's scripts would build it."""
+def java_command(java: str, heap: str, log_dir: Path, classpath: str, props_path: Path,
+                 jvm_opts: Sequence[str] = ()) -> list[str]:
+    """The broker's JVM command line, as the release tarball's scripts would build it
+    (plus `jvm_opts`)."""
     return [
         java, f"-Xmx{heap}",
-        "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+        "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true", *jvm_opts,
         f"-Dkafka.logs.dir={log_dir}", f"-Dlog4j2.configurationFile={broker_file('log4j2.properties')}",
         "-cp", classpath, "kafka.Kafka", str(props_path),
     ]  # fmt: skip

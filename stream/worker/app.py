@@ -17,6 +17,7 @@ from faust.types import TP
 
 from clickvec.bundle.reader import load_bundle
 from clickvec.errors import ClickvecError
+from clickvec.kafka import replication_defaults
 from clickvec.stream.worker import faust_internals
 from clickvec.stream.worker.config import StreamConfig
 from clickvec.stream.worker.continuity import Continuity
@@ -114,14 +115,17 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
                                          ttl_scan=cfg.state_ttl_scan, wire=cfg.wire(),
                                          dlq_payload=cfg.dlq_payload))
     metrics = Metrics()
-    app = _faust_app(cfg, partitions, changelog_replicas(cfg, brokers))
+    replicas = changelog_replicas(cfg, brokers)
+    app = _faust_app(cfg, partitions, replicas)
     faust_internals.check(app.consumer)
     faust_internals.read_committed(app.consumer)
+    faust_internals.stop_despite_fetch_backoff(app.consumer)
 
     in_topic = app.topic(cfg.in_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                          value_serializer="raw", partitions=partitions)
     table = app.Table(
         TABLE_NAME, default=None, partitions=partitions, key_type=bytes, value_type=bytes,
+        extra_topic_configs=replication_defaults(replicas)[1],
         options={"block_cache_size": cfg.rocksdb_block_cache_mb << 20,
                  "write_buffer_size": cfg.rocksdb_write_buffer_mb << 20,
                  "max_write_buffer_number": 2},

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
@@ -32,11 +33,15 @@ from clickvec.stream.worker.engine import Record
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# Errors a request may fail with while a coordinator loads or moves, which librdkafka
-# does not always flag retriable; -185 and -195 are librdkafka's local "timed out" and
-# "transport failure" (confluent_kafka exposes them only as private names).
+# Errors a request may fail with while a coordinator or a partition leader loads or
+# moves, which librdkafka does not always flag retriable; -185, -195 and -190 are
+# librdkafka's local "timed out", "transport failure" and "unknown partition" (no leader
+# known yet, e.g. the leader's broker just died; confluent_kafka exposes them only as
+# private names).
 RETRIABLE_CODES = frozenset({KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-                             KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.REQUEST_TIMED_OUT, -185, -195})
+                             KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.REQUEST_TIMED_OUT,
+                             KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
+                             -185, -195, -190})
 
 
 def retrying(call: Callable[[], T], what: str, timeout: float, first_wait: float = 0.1) -> T:
@@ -143,9 +148,13 @@ class Continuity:
         for tp in retrying(committed, f"committed offsets of {self.topic}", self.timeout):
             off = tp.offset
             if off == OFFSET_INVALID or off < 0:
-                off = c.get_watermark_offsets(TopicPartition(self.topic, tp.partition), timeout=self.timeout)[0]
+                off = retrying(partial(self._low_watermark, c, tp.partition),
+                               f"low watermark of {self.topic}[{tp.partition}]", self.timeout)
             out[tp.partition] = off
         return out
+
+    def _low_watermark(self, c: Consumer, partition: int) -> int:
+        return int(c.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=self.timeout)[0])
 
     def _read(self, partition: int, start: int, end: int) -> list[Record]:
         """Records of [start, end) of one partition (fewer where the log has none)."""
@@ -172,6 +181,8 @@ class Continuity:
                             if m.offset() >= end:
                                 continue
                             raise GapError(f"{self.topic}[{partition}] ends at {m.offset()} before {end}")
+                        if m.error().retriable() or m.error().code() in RETRIABLE_CODES:
+                            continue  # a leader moving: librdkafka retries, the deadline bounds it
                         raise GapError(f"{self.topic}[{partition}]: {m.error()}")
                     if start <= m.offset() < end:
                         got.append(Record(m.key(), m.value(), self.topic, partition, m.offset()))

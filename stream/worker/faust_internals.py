@@ -57,7 +57,8 @@ def _assigned_in_init(cls: type, name: str) -> bool:
 def missing_internals(consumer: Any, store_class: type = RocksDBStore,
                       fetch_classes: Iterable[tuple[type, str]] = ((AIOKafkaConsumer, "_fetcher"),
                                                                    (AIOKafkaConsumer, "_isolation_level"),
-                                                                   (AIOKafkaFetcher, "_fetch_max_wait_ms"))
+                                                                   (AIOKafkaFetcher, "_fetch_max_wait_ms"),
+                                                                   (AIOKafkaFetcher, "_pending_tasks"))
                       ) -> list[str]:
     """The private attributes this module uses that the installed Faust / aiokafka lack,
     as "Class.attribute"; `consumer` is the app's (built, not yet started) consumer."""
@@ -287,3 +288,47 @@ def read_committed(consumer: Any) -> None:
         return client
 
     thread._create_consumer = create_read_committed
+
+
+def stop_despite_fetch_backoff(consumer: Any) -> None:
+    """Let the aiokafka consumer Faust builds stop while a broker is down.
+
+    aiokafka's `Fetcher.close` cancels its pending fetch tasks and awaits each: a task
+    cancelled in its retry backoff (its leader's broker unreachable) re-raises the
+    CancelledError out of `close`, which ends Faust's consumer thread before it signals
+    its shutdown, and the worker then waits for it forever on SIGTERM. The pending tasks
+    left are cancelled and awaited here instead. Set before the consumer starts."""
+    thread = consumer._thread
+    create = thread._create_consumer
+
+    def create_stopping(loop: Any) -> Any:
+        client = create(loop=loop)
+        stop = client.stop
+
+        async def stop_cleanly() -> None:
+            fetcher = client._fetcher
+            if fetcher is not None:
+                fetcher.close = _close_tolerating_backoff(fetcher, fetcher.close)
+            await stop()
+
+        client.stop = stop_cleanly
+        return client
+
+    thread._create_consumer = create_stopping
+
+
+def _close_tolerating_backoff(fetcher: Any, close: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    async def close_tolerating_backoff() -> None:
+        try:
+            await close()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the stop itself was cancelled
+            pending = list(fetcher._pending_tasks)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            log.info("consumer stopped with %d fetches cancelled in their retry backoff", len(pending))
+
+    return close_tolerating_backoff
