@@ -124,3 +124,24 @@ def streamed_held(kafka_bootstrap: str, trained, tmp_path_factory: pytest.TempPa
     bundle_path, held = trained
     return stream_vectors(kafka_bootstrap, topic, lambda: f"g-{uuid.uuid4().hex}", bundle_path,
                           table_events(held), tmp_path_factory.mktemp("held-stream"))
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (Debian's package, fetched on first use into
+    ~/.cache/clickvec/redis by clickvec.devtools.redis) for the session. Set
+    CLICKVEC_REDIS_URL to use a running one."""
+    external = os.environ.get("CLICKVEC_REDIS_URL")
+    if external:
+        yield external
+        return
+    from clickvec.devtools import redis as redis_dev
+
+    try:
+        server = redis_dev.start(tmp_path_factory.mktemp("redis"))
+    except Exception as e:  # RedisError names the cause; anything else is as fatal
+        pytest.fail(f"redis-server (clickvec.devtools.redis) could not start:\n{e}", pytrace=False)
+    try:
+        yield server.url
+    finally:
+        server.stop()

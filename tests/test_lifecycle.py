@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections import defaultdict
 
 import numpy as np
@@ -51,10 +52,12 @@ def input_history(bootstrap: str, topic: str, n: int):
     return per_user
 
 
-def test_backfill_then_stream(kafka_bootstrap, new_topic, new_group, stream_bundle_path, tmp_path):
+def test_backfill_then_stream_then_serve(kafka_bootstrap, new_topic, new_group, stream_bundle_path, redis_url,
+                                        tmp_path):
     """Backfill the first half of each partition, then the worker streams the rest: the
     backfill publishes one vector per user (its latest), the worker continues with the
-    next seq, every vector equals the offline encoder on all the user's events so far."""
+    next seq, every vector equals the offline encoder on all the user's events so far.
+    Then serve-redis keeps the latest of them in Redis, where RedisLookup finds them."""
     bundle = load_bundle(stream_bundle_path, providers="cpu")
     events = generate_events(SynthConfig(n_users=400, seed=21, mean_events=10))[:4000]
     src, out, dlq = new_topic(4, "clicks"), new_topic(4, "vectors"), new_topic(4, "dlq")
@@ -112,3 +115,42 @@ def test_backfill_then_stream(kafka_bootstrap, new_topic, new_group, stream_bund
     assert set(got) == set(history)
     print("backfill then stream:", {"users": len(history), "backfilled_events": report["events"],
                                     "max_abs_diff": worst, "backfill_s": report["seconds"]})
+    serve_and_look_up(kafka_bootstrap, redis_url, out, got, new_group(), tmp_path)
+
+
+def serve_and_look_up(bootstrap: str, redis_url: str, topic: str, got: dict[str, list[VectorMessage]],
+                      group: str, tmp_path) -> None:
+    """`clickvec serve-redis` over the vector topic, plus a tombstone and a stale
+    duplicate: RedisLookup and TopicLookup give each user's last vector on the topic."""
+    import redis
+
+    from clickvec.client.lookup import RedisLookup, TopicLookup
+    from clickvec.devtools.produce import produce_records
+
+    users = sorted(got)
+    gone, dup = users[0], users[1]
+    stale = got[dup][0]  # an older vector of `dup` sent again: must not replace the latest
+    assert produce_records([(gone.encode(), None), (dup.encode(), stale.to_bytes())], bootstrap, topic,
+                           extra_config={"partitioner": "murmur2_random"}) == 2  # as the worker sends
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    r = clickvec("serve-redis", "--brokers", bootstrap, "--in", topic, "--group", group, "--redis", redis_url,
+                 "--prefix", prefix, "--idle-exit", "2", "--summary", str(tmp_path / "serve.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads((tmp_path / "serve.json").read_text())["redis"]
+    assert stats["deleted"] == 1 and stats["stale"] >= 1, stats
+    lookup = RedisLookup(redis_url, prefix=prefix)
+    topic_lookup = TopicLookup(bootstrap, topic)
+    try:
+        for uid in users:
+            want = None if uid == gone else max(got[uid], key=lambda m: m.seq)
+            for found in (lookup.get(uid), topic_lookup.get(uid)):
+                if want is None:
+                    assert found is None, uid
+                    continue
+                assert found is not None and (found.model_id, found.seq, found.event_ts) == (
+                    want.model_id, want.seq, want.event_ts), (uid, found, want)
+                assert np.array_equal(found.vector, np.asarray(want.vector, np.float32)), uid
+        assert lookup.get_many([dup, gone])[1] is None
+    finally:
+        topic_lookup.close()
+        redis.Redis.from_url(redis_url).close()

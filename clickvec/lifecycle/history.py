@@ -71,7 +71,7 @@ class History:
         return out
 
 
-class _Columns:
+class Columns:
     """Per-event columns as they are read; `history()` groups them by user."""
 
     def __init__(self, spec: FeatureSpec) -> None:
@@ -116,7 +116,7 @@ class _Columns:
                        np.asarray(self.user_offset, dtype=np.int64), skipped=self.skipped)
 
 
-def _add_record(cols: _Columns, key: bytes | None, value: bytes | None, partition: int, offset: int) -> None:
+def add_record(cols: Columns, key: bytes | None, value: bytes | None, partition: int, offset: int) -> None:
     try:
         ev = parse_event(value)
     except EventError:
@@ -150,7 +150,7 @@ def read_topic(conf: dict[str, Any], topic: str, spec: FeatureSpec, until: dict[
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
     marks = end_offsets(conf, topic)
-    cols = _Columns(spec)
+    cols = Columns(spec)
     ends: dict[int, int] = {}
     begins: dict[int, int] = {}
     for p, (low, high) in marks.items():
@@ -185,7 +185,7 @@ def read_topic(conf: dict[str, Any], topic: str, spec: FeatureSpec, until: dict[
                 if m.offset() >= ends[p]:
                     todo.discard(p)
                     continue
-                _add_record(cols, m.key(), m.value(), p, m.offset())
+                add_record(cols, m.key(), m.value(), p, m.offset())
                 if m.offset() + 1 >= ends[p]:
                     todo.discard(p)
     finally:
@@ -238,7 +238,7 @@ def read_file(path: str, spec: FeatureSpec, partitions: int, partitioner: str = 
     from clickvec.eventfile import read_table
 
     table = read_table(path)
-    cols = _Columns(spec)
+    cols = Columns(spec)
     placed: dict[str, int] = {}
     for batch in table.select(["user_id", "item_id", "event_type", "ts"]).to_batches(64 * 1024):
         rows: Iterable[tuple[str, str, str, int]] = zip(*(batch.column(i).to_pylist() for i in range(4)),
