@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import uuid
 from collections import defaultdict
 
@@ -154,3 +155,106 @@ def serve_and_look_up(bootstrap: str, redis_url: str, topic: str, got: dict[str,
     finally:
         topic_lookup.close()
         redis.Redis.from_url(redis_url).close()
+
+
+def test_rollout_without_a_gap(kafka_bootstrap, new_topic, new_group, stream_bundle_path, second_bundle_path,
+                               tmp_path):
+    """The old model's worker serves; events keep coming; `clickvec rollout` rebuilds
+    every user under the new model, writes the cut-over and the new group's state; the
+    new model's worker takes over. Followed as cutover.py documents, no user's seqs have
+    a gap, and every new-model vector equals the new model's offline encoder on the
+    user's whole history up to it (old-model vectors: the old model's)."""
+    old_b = load_bundle(stream_bundle_path, providers="cpu")
+    new_b = load_bundle(second_bundle_path, providers="cpu")
+    events = generate_events(SynthConfig(n_users=300, seed=31, mean_events=10))[:3000]
+    first, later = events[:1500], events[1500:]
+    src, out, dlq = new_topic(4, "clicks"), new_topic(4, "vectors"), new_topic(4, "dlq")
+    assert produce_events(first, kafka_bootstrap, src) == len(first)
+    old_group, new_group_name = new_group(), f"{new_group()}-{{model}}"
+    old = WorkerProcess(kafka_bootstrap, stream_bundle_path, src, out, dlq, old_group, tmp_path / "old",
+                        tmp_path / "old.log").start()
+    producer = threading.Thread(target=produce_events, args=(later, kafka_bootstrap, src),
+                                kwargs={"rate": 250.0}, daemon=True)
+    producer.start()
+    roll = subprocess.Popen(
+        [sys.executable, "-m", "clickvec.cli", "rollout", "--from-model", str(stream_bundle_path),
+         "--to-model", str(second_bundle_path), "--from-group", old_group, "--group", new_group_name,
+         "--brokers", kafka_bootstrap, "--in", src, "--out", out, "--dlq", dlq, "--providers", "cpu",
+         "--catch-up-events", "300", "--lag-timeout", "90"],
+        stdout=subprocess.PIPE, stderr=open(tmp_path / "rollout.log", "w"), text=True, cwd=REPO)
+    new = None
+    phases = []
+    try:
+        for line in roll.stdout:
+            phases.append(json.loads(line))
+            if phases[-1]["phase"] == "start_new":
+                new = WorkerProcess(kafka_bootstrap, second_bundle_path, src, out, dlq, phases[-1]["group"],
+                                    tmp_path / "new", tmp_path / "new.log").start()
+        assert roll.wait(60) == 0, (tmp_path / "rollout.log").read_text()[-3000:]
+        assert new is not None and phases[-1]["phase"] == "done", phases
+        producer.join(60)
+        per_user = {u: len([e for e in events if e.user_id == u]) for u in {e.user_id for e in events}}
+        reader = TopicReader(kafka_bootstrap, out)
+        try:
+            def done(msgs) -> bool:
+                last = {}
+                for k, v in msgs:
+                    if k != b"__clickvec_control__":
+                        m = VectorMessage.from_bytes(v)
+                        if m.model_id == new_b.model_id:
+                            last[m.user_id] = max(last.get(m.user_id, 0), m.seq)
+                return all(last.get(u, 0) == n for u, n in per_user.items())
+
+            wait_for(reader, done, 120, [old, new])
+        finally:
+            reader.close()
+    finally:
+        for w in (old, new):
+            if w is not None:
+                w.stop()
+        if roll.poll() is None:
+            roll.kill()
+    assert any(p["phase"] == "rebuild" and p["users_rebuilt"] > 0 for p in phases)
+    print("rollout phases:", [(p["phase"], p.get("events", p.get("lag", ""))) for p in phases])
+    check_cutover(kafka_bootstrap, out, old_b, new_b, events)
+
+
+def check_cutover(bootstrap: str, topic: str, old_b, new_b, events) -> None:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from clickvec.lifecycle.cutover import Cutover, ModelFollower, is_control
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"chk-{uuid.uuid4().hex}"})
+    parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
+    total = sum(c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts)
+    c.close()
+    msgs = sorted(consume_all(bootstrap, topic, total), key=lambda m: (m.partition(), m.offset()))
+    assert len(msgs) == total
+    by_user = defaultdict(list)
+    for e in events:
+        by_user[e.user_id].append(e)
+    z = {(b.model_id, u): offline(b, evs) for b in (old_b, new_b) for u, evs in by_user.items()}
+    follower, taken = ModelFollower(), defaultdict(list)
+    controls, worst = defaultdict(int), 0.0
+    for m in msgs:
+        if is_control(m.key()):
+            cut = Cutover.from_bytes(m.value())
+            assert (cut.model_id, cut.from_model_id) == (new_b.model_id, old_b.model_id)
+            follower.control(m.partition(), cut)
+            controls[m.partition()] += 1
+            continue
+        v = VectorMessage.from_bytes(m.value())
+        assert v.model_id in (old_b.model_id, new_b.model_id)
+        assert 1 <= v.seq <= len(by_user[v.user_id]), (v.user_id, v.seq)
+        ref = z[(v.model_id, v.user_id)][v.seq - 1]
+        worst = max(worst, float(np.abs(np.asarray(v.vector, np.float32) - ref).max()))
+        if follower.accept(m.partition(), v):
+            taken[v.user_id].append((controls[m.partition()] > 0, v.model_id, v.seq))
+    assert worst <= 1e-5, f"a vector differs from its model's offline encoder by {worst}"
+    assert all(n == 1 for n in controls.values()) and len(controls) == len(parts), controls
+    for uid, evs in by_user.items():
+        seqs = {s for _, _, s in taken[uid]}
+        assert seqs == set(range(1, len(evs) + 1)), f"user {uid}: gap, took {sorted(seqs)} of {len(evs)}"
+        assert all(model == new_b.model_id for after, model, _ in taken[uid] if after), uid
+        assert taken[uid][-1][1:] == (new_b.model_id, len(evs)), taken[uid][-3:]
+    print("rollout:", {"users": len(by_user), "vectors": total, "max_abs_diff": worst})

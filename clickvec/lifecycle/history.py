@@ -12,6 +12,7 @@ and left out, as the worker leaves them out of the state.
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -144,7 +145,7 @@ def end_offsets(conf: dict[str, Any], topic: str, timeout: float = 30.0) -> dict
 
 
 def read_topic(conf: dict[str, Any], topic: str, spec: FeatureSpec, until: dict[int, int] | None = None,
-               start: dict[int, int] | None = None, timeout: float = 120.0) -> History:
+               start: dict[int, int] | None = None, timeout: float = 60.0) -> History:
     """The events of `topic` from `start` (default: the first retained offset) up to
     `until` (default: the end offsets now), per partition, grouped by user."""
     from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -163,14 +164,15 @@ def read_topic(conf: dict[str, Any], topic: str, spec: FeatureSpec, until: dict[
     try:
         todo = {p for p in ends if ends[p] > begins[p]}
         c.assign([TopicPartition(topic, p, begins[p]) for p in sorted(todo)])
-        import time
-
         deadline = time.monotonic() + timeout
         while todo:
             if time.monotonic() > deadline:
-                raise HistoryError(f"{topic}: partitions {sorted(todo)} not read to their end offsets "
-                                   f"within {timeout:.0f}s")
-            for m in c.consume(num_messages=10_000, timeout=0.5):
+                raise HistoryError(f"{topic}: partitions {sorted(todo)} not read to their end offsets: "
+                                   f"nothing arrived for {timeout:.0f}s")
+            msgs = c.consume(num_messages=10_000, timeout=0.5)
+            if msgs:
+                deadline = time.monotonic() + timeout  # a limit on silence, not on the history's size
+            for m in msgs:
                 p = m.partition()
                 err = m.error()
                 if err is not None:

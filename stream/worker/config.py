@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,9 @@ class StreamConfig:
     in_topic: str = DEFAULT_IN_TOPIC
     out_topic: str = DEFAULT_OUT_TOPIC
     dlq_topic: str = DEFAULT_DLQ_TOPIC
+    # "{model}" in the group is replaced by the bundle's model id (12 hex digits): each
+    # model's workers then form their own group, with their own state changelog
+    # (`clickvec rollout` runs a new model beside the old one this way).
     group: str = "clickvec-stream"
     state_dir: str = ".clickvec/state"
     max_batch: int = 1024
@@ -112,4 +115,17 @@ def resolve(args: argparse.Namespace | None = None, env: dict[str, str] | None =
         raise ValueError("encoding must be json, f16 or i8")
     if cfg.state_dtype not in ("f32", "f16"):
         raise ValueError("state_dtype must be f32 or f16")
+    if "{model}" in cfg.group:
+        cfg = replace(cfg, group=model_group(cfg.group, cfg.model))
     return cfg
+
+
+def model_group(group: str, model: str) -> str:
+    """`group` with "{model}" replaced by the model id (12 hex digits) in the bundle's
+    manifest at `model` (load_bundle verifies the bundle afterwards)."""
+    try:
+        model_id = str(json.loads((Path(model) / "manifest.json").read_text())["model_id"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"group {group!r} names the model, but {model}/manifest.json gives no model id ({e})") \
+            from None
+    return group.replace("{model}", model_id[:12])
