@@ -61,6 +61,7 @@ class RecurrentSession:
         from clickvec.bundle.format import ENCODER_FILES
 
         self.bundle = bundle
+        self.threads = threads
         self.pruned = False
         model = (bundle.path / ENCODER_FILES[bundle.variant]).read_bytes()
         try:

@@ -145,12 +145,16 @@ def end_offsets(conf: dict[str, Any], topic: str, timeout: float = 30.0) -> dict
 
 
 def read_topic(conf: dict[str, Any], topic: str, spec: FeatureSpec, until: dict[int, int] | None = None,
-               start: dict[int, int] | None = None, timeout: float = 60.0) -> History:
+               start: dict[int, int] | None = None, timeout: float = 60.0,
+               partitions: Iterable[int] | None = None) -> History:
     """The events of `topic` from `start` (default: the first retained offset) up to
-    `until` (default: the end offsets now), per partition, grouped by user."""
+    `until` (default: the end offsets now), per partition (`partitions`: only those),
+    grouped by user."""
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
     marks = end_offsets(conf, topic)
+    if partitions is not None:
+        marks = {p: marks[p] for p in partitions if p in marks}
     cols = Columns(spec)
     ends: dict[int, int] = {}
     begins: dict[int, int] = {}

@@ -52,6 +52,7 @@ from clickvec.lifecycle.backfill import (
 from clickvec.lifecycle.cutover import Cutover, publish_cutover
 from clickvec.lifecycle.encode import Prior, Rebuilt, RecurrentSession, rebuild
 from clickvec.lifecycle.history import History, end_offsets, read_topic
+from clickvec.lifecycle.parallel import read_and_rebuild
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +114,24 @@ class Book:
 
 
 def rebuild_until_caught_up(cfg: Any, bundle: Any, session: RecurrentSession, catch_up: int,
-                            max_rounds: int) -> Book:
+                            max_rounds: int, workers: int = 0) -> Book:
     """Rebuild rounds (module docstring, step 1)."""
     book = Book()
     start: dict[int, int] | None = None
     for rnd in range(1, max_rounds + 1):
         t0 = time.perf_counter()
-        hist = read_topic(cfg.librdkafka(), cfg.in_topic, bundle.spec, start=start)
-        built = rebuild(session, hist, book.prior(hist, bundle.layers, bundle.hidden))
+        if start is None:  # the whole retained history: in parallel when it is large
+            hist, built, n_events = read_and_rebuild(cfg.librdkafka(), cfg.in_topic, bundle, workers=workers,
+                                              threads=session.threads)
+        else:
+            hist = read_topic(cfg.librdkafka(), cfg.in_topic, bundle.spec, start=start)
+            built = rebuild(session, hist, book.prior(hist, bundle.layers, bundle.hidden))
+            n_events = hist.events
         book.merge(hist, built)
         start = hist.ends
         marks = end_offsets(cfg.librdkafka(), cfg.in_topic)
         left = sum(max(0, high - start.get(p, 0)) for p, (_, high) in marks.items())
-        say("rebuild", round=rnd, events=hist.events, users_rebuilt=len(book.index), seconds=round(
+        say("rebuild", round=rnd, events=n_events, users_rebuilt=len(book.index), seconds=round(
             time.perf_counter() - t0, 2), events_left=left)
         if left <= catch_up:
             break
@@ -178,7 +184,7 @@ def rollout(cfg: Any, bundle: Any, old_model_id: str, old_group: str, args: argp
     if not args.force:
         groupstate.check_fresh(cfg.librdkafka(), cfg.group, cfg.in_topic, range(partitions))
     session = RecurrentSession(bundle, args.threads)
-    book = rebuild_until_caught_up(cfg, bundle, session, args.catch_up_events, args.max_rounds)
+    book = rebuild_until_caught_up(cfg, bundle, session, args.catch_up_events, args.max_rounds, args.workers)
     assert book.hist is not None and book.built is not None
     cut = dict(book.hist.ends)
     wait_old_group(cfg, old_group, cut, args.old_timeout)
