@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     out = {"benchmark": "backfill", "events": a.events, "users": a.users, "partitions": PARTITIONS,
            "model": "default size (item_dim 64, hidden 128, z_dim 32), 2000 items",
            "batch_users": a.batch_users, **result,
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                       "loadavg_1m_at_end": round(os.getloadavg()[0], 2)},
            "note": "the broker and the backfill share this machine's cores; other jobs ran on them too"}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2) + "\n")

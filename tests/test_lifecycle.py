@@ -26,6 +26,7 @@ from clickvec.contract.messages import VectorMessage
 from clickvec.devtools.produce import produce_events
 from clickvec.devtools.synth import SynthConfig, generate_events
 from clickvec.lifecycle.groupstate import changelog_topic
+from clickvec.lifecycle.history import key_partition
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -64,6 +65,8 @@ def test_backfill_then_stream_then_serve(kafka_bootstrap, new_topic, new_group, 
     src, out, dlq = new_topic(4, "clicks"), new_topic(4, "vectors"), new_topic(4, "dlq")
     assert produce_events(events, kafka_bootstrap, src) == len(events)
     history = input_history(kafka_bootstrap, src, len(events))
+    # `--file` places users as the producer does: clickvec produce's partitioner, here checked.
+    assert all(key_partition(u.encode(), 4) == evs[0][1] for u, evs in history.items())
     ends: dict[int, int] = defaultdict(int)
     for evs in history.values():
         for _, p, o in evs:
@@ -188,7 +191,9 @@ def test_rollout_without_a_gap(kafka_bootstrap, new_topic, new_group, stream_bun
         for line in roll.stdout:
             phases.append(json.loads(line))
             if phases[-1]["phase"] == "start_new":
-                new = WorkerProcess(kafka_bootstrap, second_bundle_path, src, out, dlq, phases[-1]["group"],
+                assert phases[-1]["group"] == new_group_name.replace("{model}", new_b.model_id[:12])
+                # The worker resolves "{model}" in --group the same way (stream/worker/config.py).
+                new = WorkerProcess(kafka_bootstrap, second_bundle_path, src, out, dlq, new_group_name,
                                     tmp_path / "new", tmp_path / "new.log").start()
         assert roll.wait(60) == 0, (tmp_path / "rollout.log").read_text()[-3000:]
         assert new is not None and phases[-1]["phase"] == "done", phases
@@ -245,6 +250,7 @@ def check_cutover(bootstrap: str, topic: str, old_b, new_b, events) -> None:
             continue
         v = VectorMessage.from_bytes(m.value())
         assert v.model_id in (old_b.model_id, new_b.model_id)
+        assert key_partition(m.key(), len(parts), "murmur2_random") == m.partition()  # the worker's sink
         assert 1 <= v.seq <= len(by_user[v.user_id]), (v.user_id, v.seq)
         ref = z[(v.model_id, v.user_id)][v.seq - 1]
         worst = max(worst, float(np.abs(np.asarray(v.vector, np.float32) - ref).max()))

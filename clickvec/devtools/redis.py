@@ -14,6 +14,7 @@ libraries to fetch are found with `ldd`: only what this machine does not have.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import shutil
@@ -78,7 +79,10 @@ def _fetch(packages: list[str], root: Path) -> None:
     debs.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["apt-get", "download", *packages], cwd=debs, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RedisError(f"apt-get download {' '.join(packages)} failed: {r.stderr.strip().splitlines()[-1:]}")
+        hint = " (the package lists are empty: run apt-get update as root once)" \
+            if "Unable to locate package" in r.stderr else ""
+        raise RedisError(f"apt-get download {' '.join(packages)} failed{hint}: "
+                         f"{r.stderr.strip().splitlines()[-1:]}")
     for deb in sorted(debs.glob("*.deb")):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, capture_output=True)
 
@@ -90,18 +94,21 @@ def redis_server_binary(root: Path | None = None) -> tuple[Path, dict[str, str]]
     if on_path and root is None:
         return Path(on_path), {}
     root = root or cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
     binary = root / "usr" / "bin" / "redis-server"
-    if not binary.exists():
-        log.info("fetching redis-server from the Debian mirror into %s", root)
-        _fetch(list(PACKAGES), root)
-    for _ in range(3):
-        missing = _missing_libraries(binary, root)
-        if not missing:
-            return binary, _env(root)
-        unknown = [lib for lib in missing if lib not in LIBRARY_PACKAGES]
-        if unknown:
-            raise RedisError(f"redis-server needs {unknown}, which this module does not know how to fetch")
-        _fetch(sorted({LIBRARY_PACKAGES[lib] for lib in missing}), root)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test sessions started at once fetch once
+        if not binary.exists():
+            log.info("fetching redis-server from the Debian mirror into %s", root)
+            _fetch(list(PACKAGES), root)
+        for _ in range(3):
+            missing = _missing_libraries(binary, root)
+            if not missing:
+                return binary, _env(root)
+            unknown = [lib for lib in missing if lib not in LIBRARY_PACKAGES]
+            if unknown:
+                raise RedisError(f"redis-server needs {unknown}, which this module does not know how to fetch")
+            _fetch(sorted({LIBRARY_PACKAGES[lib] for lib in missing}), root)
     raise RedisError(f"redis-server still lacks {_missing_libraries(binary, root)} after fetching them")
 
 

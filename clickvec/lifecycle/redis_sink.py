@@ -170,7 +170,8 @@ class RedisSinkLoop(VectorTopicLoop):
                 log.warning("skipping undecodable message %s[%d] offset=%d: %s", m.topic(), m.partition(),
                             m.offset(), e)
         self.sink.write(items)  # before the loop commits `ends`
-        return [], ends
+        self.stats.decoded += sum(1 for _, _, item in items if isinstance(item, VectorMessage))
+        return [], ends  # nothing for the loop's handler: the batch is in Redis
 
 
 def main(argv: list[str]) -> int:
