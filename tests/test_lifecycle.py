@@ -264,3 +264,45 @@ def check_cutover(bootstrap: str, topic: str, old_b, new_b, events) -> None:
         assert all(model == new_b.model_id for after, model, _ in taken[uid] if after), uid
         assert taken[uid][-1][1:] == (new_b.model_id, len(evs)), taken[uid][-3:]
     print("rollout:", {"users": len(by_user), "vectors": total, "max_abs_diff": worst})
+
+
+def test_backfill_from_file(kafka_bootstrap, new_topic, new_group, stream_bundle_path, tmp_path):
+    """`--file`: history that is not in the topic. Each user's state lands in the
+    changelog partition its key goes to in the input topic, with seq = its events and
+    (h, c) the offline encoder's; one vector per user; no offsets committed (the worker
+    then reads the whole topic, whose events all come after the file's)."""
+    from clickvec.eventfile import write_events
+    from clickvec.lifecycle.backfill import backfill
+    from clickvec.stream.worker.config import StreamConfig
+    from clickvec.stream.worker.state import UserState
+
+    bundle = load_bundle(stream_bundle_path, providers="cpu")
+    events = generate_events(SynthConfig(n_users=150, seed=22, mean_events=8))[:1000]
+    path = write_events(events, tmp_path / "history.parquet")
+    src, out = new_topic(4, "clicks"), new_topic(4, "vectors")
+    cfg = StreamConfig(model=str(stream_bundle_path), brokers=kafka_bootstrap, in_topic=src, out_topic=out,
+                       group=new_group(), providers="cpu")
+    rep = backfill(cfg, bundle, file=str(path))
+    by_user = defaultdict(list)
+    for e in events:
+        by_user[e.user_id].append(e)
+    assert (rep.users, rep.events, rep.vectors, rep.offsets) == (len(by_user), len(events), len(by_user), {})
+    states = consume_all(kafka_bootstrap, changelog_topic(cfg.group), len(by_user))
+    vectors = consume_all(kafka_bootstrap, out, len(by_user))
+    assert len(states) == len(vectors) == len(by_user)
+    worst = 0.0
+    for m in states:
+        evs = by_user[m.key().decode()]
+        st = UserState.unpack(m.value(), bundle.layers, bundle.hidden)
+        assert m.partition() == key_partition(m.key(), 4) == st.partition
+        assert (st.seq, st.offset, st.last_ts) == (len(evs), -1, evs[-1].ts)
+        enc = bundle.spec.encode_sequence([e.item_id for e in evs], [e.event_type for e in evs], [e.ts for e in evs])
+        h0, c0 = bundle.zero_state(1)
+        h, c, *_ = bundle.step(enc[:, 0:1], enc[:, 1:2], enc[:, 2:3], np.array([len(evs)], np.int32), h0, c0)
+        worst = max(worst, float(np.abs(st.h - h[:, 0]).max()), float(np.abs(st.c - c[:, 0]).max()))
+    for m in vectors:
+        v = VectorMessage.from_bytes(m.value())
+        evs = by_user[v.user_id]
+        assert v.seq == len(evs) and v.event_ts == evs[-1].ts
+        worst = max(worst, float(np.abs(np.asarray(v.vector, np.float32) - offline(bundle, evs)[-1]).max()))
+    assert worst <= 1e-5, worst
