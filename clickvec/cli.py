@@ -19,6 +19,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "recommend": ("clickvec.stream.consumers.recommend", "live recommendation consumer of the vector topic"),
     "forget": ("clickvec.forget", "erase users: tombstones to the stream's input topic"),
     "run": ("clickvec.run.cli", "the whole pipeline in one command"),
+    "rollout": ("clickvec.lifecycle.rollout", "put a new model in service beside the old one, cut over without a gap"),
+    "serve-redis": ("clickvec.lifecycle.redis_sink", "keep every user's latest vector in Redis"),
+    "backfill": ("clickvec.lifecycle.backfill", "rebuild every user's state offline and hand it to the worker group"),
 }
 
 

@@ -124,3 +124,50 @@ def streamed_held(kafka_bootstrap: str, trained, tmp_path_factory: pytest.TempPa
     bundle_path, held = trained
     return stream_vectors(kafka_bootstrap, topic, lambda: f"g-{uuid.uuid4().hex}", bundle_path,
                           table_events(held), tmp_path_factory.mktemp("held-stream"))
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (Debian's package, fetched on first use into
+    ~/.cache/clickvec/redis by clickvec.devtools.redis) for the session. Set
+    CLICKVEC_REDIS_URL to use a running one."""
+    external = os.environ.get("CLICKVEC_REDIS_URL")
+    if external:
+        yield external
+        return
+    from clickvec.devtools import redis as redis_dev
+
+    try:
+        server = redis_dev.start(tmp_path_factory.mktemp("redis"))
+    except Exception as e:  # RedisError names the cause; anything else is as fatal
+        pytest.fail(f"redis-server (clickvec.devtools.redis) could not start:\n{e}", pytrace=False)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def second_bundle_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another model like `stream_bundle_path` (same catalogue and sizes, other random
+    weights: seed 1): the new model of a rollout."""
+    import torch
+
+    from clickvec.devtools.synth import SynthConfig, generate_table
+    from clickvec.export.writer import export_bundle
+    from clickvec.features import FeatureSpec
+    from clickvec.training.checkpoint import save_checkpoint
+    from clickvec.training.model import Encoder, ModelConfig
+
+    d = tmp_path_factory.mktemp("bundle2")
+    torch.manual_seed(1)
+    items = generate_table(SynthConfig(n_users=300, seed=0)).column("item_id").to_pylist()
+    spec = FeatureSpec.from_items(items)
+    model = Encoder(ModelConfig(spec.n_items, spec.n_event_types, spec.n_gap_buckets,
+                                item_dim=16, type_dim=4, gap_dim=4, hidden=32, z_dim=8))
+    with torch.no_grad():
+        model.item_emb.weight.mul_(10.0)
+    model.eval()
+    save_checkpoint(d / "run" / "best.pt", model, spec, {"purpose": "rollout tests (new model)"})
+    export_bundle(d / "run", d / "bundle")
+    return d / "bundle"

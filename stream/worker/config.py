@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,9 @@ class StreamConfig:
     in_topic: str = DEFAULT_IN_TOPIC
     out_topic: str = DEFAULT_OUT_TOPIC
     dlq_topic: str = DEFAULT_DLQ_TOPIC
+    # "{model}" in the group is replaced by the bundle's model id (12 hex digits): each
+    # model's workers then form their own group, with their own state changelog
+    # (`clickvec rollout` runs a new model beside the old one this way).
     group: str = "clickvec-stream"
     state_dir: str = ".clickvec/state"
     max_batch: int = 1024
@@ -165,4 +168,17 @@ def resolve(args: argparse.Namespace | None = None, env: dict[str, str] | None =
         raise ValueError("state_ttl_scan must be >= 1")
     if cfg.latest_topic and cfg.latest_topic in (cfg.in_topic, cfg.out_topic, cfg.dlq_topic):
         raise ValueError("latest_topic must be a topic of its own (it is compacted)")
+    if "{model}" in cfg.group:
+        cfg = replace(cfg, group=model_group(cfg.group, cfg.model))
     return cfg
+
+
+def model_group(group: str, model: str) -> str:
+    """`group` with "{model}" replaced by the model id (12 hex digits) in the bundle's
+    manifest at `model` (load_bundle verifies the bundle afterwards)."""
+    try:
+        model_id = str(json.loads((Path(model) / "manifest.json").read_text())["model_id"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"group {group!r} names the model, but {model}/manifest.json gives no model id ({e})") \
+            from None
+    return group.replace("{model}", model_id[:12])
