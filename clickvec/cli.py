@@ -27,7 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     lines = ["usage: clickvec <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {doc}" for name, (_, doc) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<12} {doc}" for name, (_, doc) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 
