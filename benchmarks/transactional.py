@@ -73,6 +73,9 @@ def send_transactional(bootstrap: str, topic: str, events: list[tuple[bytes, byt
                 fake["user_id"] = k.decode()
                 fake["item_id"] = "aborted-item"
                 produce_waiting(p, topic, k, json.dumps(fake).encode(), wait=0.01)
+            # Delivered first: an abort racing its own in-flight produce requests ends the
+            # producer with a fatal INVALID_TXN_STATE (seen with Kafka 4.1.1).
+            p.flush(60)
             p.abort_transaction(60)
             aborted += len(chunk)
             aborts += 1
