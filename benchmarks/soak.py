@@ -143,13 +143,15 @@ class Worker:
             self.start()
 
 
-def _consumer(bootstrap: str, topic: str) -> Any:
-    from confluent_kafka import Consumer
+def _consumer(bootstrap: str, topic: str, partitions: int) -> Any:
+    """A reader of every partition of `topic` from its start, by assignment: a group
+    member would rejoin after the broker bounce and, with no committed offsets, read the
+    topic again from the start (counted as the worker's duplicates, wrongly)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"soak-{uuid.uuid4().hex}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False, "log_level": 0,
-                  "fetch.max.bytes": 4_000_000})
-    c.subscribe([topic])
+                  "enable.auto.commit": False, "log_level": 0, "fetch.max.bytes": 4_000_000})
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
     return c
 
 
@@ -203,8 +205,9 @@ class Soak:
             if out not in md.topics or dlq not in md.topics:
                 time.sleep(timeout)
                 return
-            self.readers = [(_consumer(self.broker.bootstrap, out), self.verifier.add),
-                            (_consumer(self.broker.bootstrap, dlq), self.dead.add)]
+            n = self.a.partitions  # the worker creates both with the input's partition count
+            self.readers = [(_consumer(self.broker.bootstrap, out, n), self.verifier.add),
+                            (_consumer(self.broker.bootstrap, dlq, n), self.dead.add)]
         for c, sink in self.readers:
             _drain(c, sink, timeout)
 
@@ -258,7 +261,7 @@ class Soak:
             self.worker.check()
             if now >= next_round:
                 self._sample(now, t0)
-                next_round += a.round_s
+                next_round = now + a.round_s
         traffic_s = time.monotonic() - t0
         drained = self._drain_all()
         self.verifier.round(final=True)

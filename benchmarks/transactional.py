@@ -129,11 +129,14 @@ def one_run(kind: str, events: list[tuple[bytes, bytes]], ctx: dict[str, Any], c
 
     def on_done(reader: Any) -> None:
         extra["read_backs"] = _metric(port, "clickvec_events_gap_filled_total")
+        n, total = _metric(port, "clickvec_batch_size_count"), _metric(port, "clickvec_batch_size_sum")
+        extra["batches"], extra["mean_batch"] = n, (total / n if n and total is not None else None)
         extra["check"] = _check_outputs(reader, events)
 
     r = backlog_run("clickvec", events, ctx, cap_s, extra=["--web-port", str(port)], send=send, on_done=on_done)
     r.update(kind=kind, **extra)
-    log.info("%-13s %8.0f ev/s  read-backs %s  check %s", kind, r["events_per_s"], r["read_backs"], r["check"])
+    log.info("%-13s %8.0f ev/s  %.3f cpu ms/ev  read-backs %s  mean batch %s  check %s", kind, r["events_per_s"],
+             r["worker_cpu_ms_per_event"], r["read_backs"], r["mean_batch"], r["check"])
     return r
 
 
