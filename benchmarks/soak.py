@@ -143,25 +143,38 @@ class Worker:
             self.start()
 
 
-def _consumer(bootstrap: str, topic: str, partitions: int) -> Any:
-    """A reader of every partition of `topic` from its start, by assignment: a group
-    member would rejoin after the broker bounce and, with no committed offsets, read the
-    topic again from the start (counted as the worker's duplicates, wrongly)."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+class _Reader:
+    """A reader of `topic` from its start that hands each record on once: a group member
+    rejoins after the broker bounce and, with no committed offsets, reads the topic again
+    from the start; records at or below the last offset already read in their partition
+    are skipped, so only the worker's own repeats (new offsets) count as duplicates."""
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"soak-{uuid.uuid4().hex}",
-                  "enable.auto.commit": False, "log_level": 0, "fetch.max.bytes": 4_000_000})
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
-    return c
+    def __init__(self, bootstrap: str, topic: str, sink: Any) -> None:
+        from confluent_kafka import Consumer
 
+        self.c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"soak-{uuid.uuid4().hex}",
+                           "auto.offset.reset": "earliest", "enable.auto.commit": False, "log_level": 0,
+                           "fetch.max.bytes": 4_000_000})
+        self.c.subscribe([topic])
+        self.sink = sink
+        self.last: dict[int, int] = {}
+        self.reread = 0
 
-def _drain(c: Any, sink: Any, timeout: float = 0.1) -> int:
-    n = 0
-    for m in c.consume(num_messages=5000, timeout=timeout):
-        if m.error() is None:
-            sink(m.value())
+    def drain(self, timeout: float) -> int:
+        n = 0
+        for m in self.c.consume(num_messages=5000, timeout=timeout):
+            if m.error() is not None:
+                continue
+            if m.offset() <= self.last.get(m.partition(), -1):
+                self.reread += 1
+                continue
+            self.last[m.partition()] = m.offset()
+            self.sink(m.value())
             n += 1
-    return n
+        return n
+
+    def close(self) -> None:
+        self.c.close()
 
 
 class Soak:
@@ -187,7 +200,7 @@ class Soak:
                               "state": work / "state", "log": work / "worker.log"})
         self.worker.start()
         self.rng = random.Random(a.seed + 1)
-        self.readers: list[tuple[Any, Any]] = []
+        self.readers: list[_Reader] = []
         self.bounce: dict[str, Any] = {}
         self.worker_rss_mb = 0.0
         self.timeline: list[dict[str, Any]] = []
@@ -205,11 +218,10 @@ class Soak:
             if out not in md.topics or dlq not in md.topics:
                 time.sleep(timeout)
                 return
-            n = self.a.partitions  # the worker creates both with the input's partition count
-            self.readers = [(_consumer(self.broker.bootstrap, out, n), self.verifier.add),
-                            (_consumer(self.broker.bootstrap, dlq, n), self.dead.add)]
-        for c, sink in self.readers:
-            _drain(c, sink, timeout)
+            self.readers = [_Reader(self.broker.bootstrap, out, self.verifier.add),
+                            _Reader(self.broker.bootstrap, dlq, self.dead.add)]
+        for r in self.readers:
+            r.drain(timeout)
 
     def _faults(self, now: float, t0: float, next_kill: float) -> float:
         """A SIGKILL when due (not while the broker is down); the broker bounce half way."""
@@ -297,12 +309,12 @@ class Soak:
             "worker_exit_codes": self.worker.exits,
             "broker_bounce": self.bounce, **self.dead.summary(), "verification": v,
             "worker_peak_rss_mb": self.worker_rss_mb, "soak_peak_rss_mb": _rss_mb(),
-            "timeline": self.timeline,
+            "reader_rereads_skipped": sum(r.reread for r in self.readers), "timeline": self.timeline,
         }
 
     def close(self) -> None:
-        for c, _ in self.readers:
-            c.close()
+        for r in self.readers:
+            r.close()
         if self.worker.child is not None:
             self.worker.child.stop(60)
         self.broker.stop()
