@@ -73,11 +73,17 @@ def _topics(bootstrap: str, partitions: int) -> tuple[str, str]:
 
 
 def backlog_run(name: str, events: list[tuple[bytes, bytes]], ctx: dict[str, Any], cap_s: float,
-                max_batch: int = 1024, max_wait: float = 0.005, extra: list[str] | None = None) -> dict[str, Any]:
-    """The whole load on the topic first, then the worker: sustained events/s."""
+                max_batch: int = 1024, max_wait: float = 0.005, extra: list[str] | None = None,
+                send: Any = None, on_done: Any = None) -> dict[str, Any]:
+    """The whole load on the topic first, then the worker: sustained events/s. `send(topic)`
+    writes the load instead of a plain producer (benchmarks/transactional.py); `on_done(r)`
+    is called while the worker still runs (e.g. to read its metrics)."""
     bootstrap, work = ctx["bootstrap"], ctx["work"]
     in_topic, out_topic = _topics(bootstrap, ctx["partitions"])
-    Sender(bootstrap, in_topic, linger_ms=5).send(events)
+    if send is None:
+        Sender(bootstrap, in_topic, linger_ms=5).send(events)
+    else:
+        send(in_topic)
     reader = Reader(bootstrap, out_topic)
     child = Child(command(name, ctx["bundle"], bootstrap, in_topic, out_topic, work / f"state-{uuid.uuid4().hex[:6]}",
                           max_batch, max_wait, extra), work / f"{name}-backlog.log").start()
@@ -107,6 +113,8 @@ def backlog_run(name: str, events: list[tuple[bytes, bytes]], ctx: dict[str, Any
                 raise RuntimeError(f"{name}: worker exited\n{child.log_tail()}")
         cpu_last = child.cpu_s()
         rss = child.peak_rss_mb()
+        if on_done is not None:
+            on_done(reader)
     finally:
         child.stop()
         reader.close()

@@ -118,3 +118,28 @@ def test_stream_with_trust_refuses_an_unsigned_bundle_before_connecting(
     assert r.returncode != 0 and elapsed < 30, (r.returncode, elapsed)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not signed" in lines[0], r.stderr
+
+
+def test_recommend_with_trust_refuses_unsigned_and_forged_bundles_before_connecting(
+    signed: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`clickvec recommend --trust` checks like `stream --trust`, before any connection. A
+    missing CA file stands for "no connection made": it is checked first thing in the
+    connection check, so the signed bundle's run ends on it, past the bundle."""
+    forged = _copy(signed, tmp_path / "forged")
+    _forge(forged)
+    cases = {"unsigned": (_copy(signed, tmp_path / "unsigned", SIGNATURE), "is not signed"),
+             "forged": (forged, "signature does not match"),
+             "signed": (signed, "missing-ca.pem")}
+    t0 = time.monotonic()
+    procs = {name: subprocess.Popen(  # at once: three interpreter start-ups in the time of one
+        [sys.executable, "-m", "clickvec.cli", "recommend", "--model", str(bundle), "--trust", str(keys[1]),
+         "--brokers", "127.0.0.1:1", "--ssl-cafile", str(tmp_path / "missing-ca.pem")],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    ) for name, (bundle, _) in cases.items()}  # fmt: skip
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and elapsed < 10, (name, proc.returncode, elapsed, err)
+        assert len(lines) == 1 and cases[name][1] in lines[0], (name, err)

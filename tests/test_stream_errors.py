@@ -106,3 +106,31 @@ def test_wrong_sasl_password(tmp_path, stream_bundle_path, sasl_bootstrap):
                                "--sasl-username", "alice", "--sasl-password", "alice-secret",
                                "--in", "absent-topic")
     _assert_one_line_error(rc, elapsed, err, "absent-topic", "does not exist")
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_wrong_sasl_password_other_commands(tmp_path, stream_bundle_path, sasl_bootstrap):
+    """produce, alerts, recommend and run share the check (clickvec/preflight.py): the same
+    one line. Run at once: each mostly waits on the broker's answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    creds = ["--brokers", sasl_bootstrap, "--sasl-username", "alice", "--sasl-password", "wrong"]
+    commands = {
+        "produce": ["produce", *creds, "--synthetic", "--no-progress"],
+        "alerts": ["alerts", *creds],
+        "recommend": ["recommend", *creds, "--model", str(stream_bundle_path)],
+        "run": ["run", *creds, "--workdir", str(tmp_path / "w")],
+    }
+
+    def run(args: list[str]) -> tuple[int, float, str]:
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "clickvec.cli", *args], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+        return p.returncode, time.monotonic() - t0, p.stderr
+
+    with ThreadPoolExecutor(len(commands)) as pool:
+        results = dict(zip(commands, pool.map(run, commands.values()), strict=True))
+    for name, (rc, elapsed, err) in results.items():
+        line = _assert_one_line_error(rc, elapsed, err, "authentication")
+        assert line.startswith(f"clickvec {name}:"), line

@@ -21,6 +21,7 @@ from clickvec.contract.events import ClickEvent
 from clickvec.contract.topics import DEFAULT_IN_TOPIC
 from clickvec.errors import ClickvecError
 from clickvec.kafka import KafkaConnection, add_kafka_arguments, produce_waiting
+from clickvec.preflight import cluster_metadata, held_logs, require_topic
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,20 @@ def _load_events(args: argparse.Namespace) -> Iterator[ClickEvent] | list[ClickE
     return iter_events(args.file)
 
 
+def _preflight(args: argparse.Namespace, conn: KafkaConnection) -> None:
+    """Before any event is read or sent: the events file, the brokers (reachable,
+    credentials, TLS: one line within seconds, not a minute of flush retries) and the
+    topic, which must exist unless --partitions creates it (a broker that auto-creates
+    topics would make it with its default partition count, silently)."""
+    if args.file is not None and not args.file.is_file():
+        raise ClickvecError(f"the events file {str(args.file)!r} (--file) does not exist")
+    md = cluster_metadata(conn, debug=args.debug)
+    if args.partitions:
+        conn.ensure_topic(args.topic, args.partitions)
+    else:
+        require_topic(md, args.topic, conn.brokers, "pass --partitions N to create it")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="clickvec produce", description=__doc__.split("\n\n")[0])
     add_kafka_arguments(p)
@@ -165,14 +180,20 @@ def main(argv: list[str]) -> int:
         "--partitions", type=int, default=None, help="create the topic with N partitions if missing"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="librdkafka's own log during the start-up check")
     args = p.parse_args(argv)
 
     conn = KafkaConnection.from_args(args)
+    try:
+        with held_logs(not args.debug):
+            _preflight(args, conn)
+    except (ClickvecError, OSError) as e:
+        # A user's mistake (events file, brokers, credentials, CA file, topic): one line.
+        print(f"clickvec produce: {e}", file=sys.stderr)
+        return 2
     conf = conn.client_config()
     bootstrap = conf.pop("bootstrap.servers")
     try:
-        if args.partitions:
-            conn.ensure_topic(args.topic, args.partitions)
         events = _load_events(args)
         total = len(events) if isinstance(events, list) else None
         if args.limit is not None:

@@ -35,12 +35,13 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clickvec.contract.messages import VectorMessage
-from clickvec.stream.consumers.loop import Record, add_loop_arguments, loop_config, run_command
+from clickvec.stream.consumers.loop import Record, add_loop_arguments, run_command, start_checks
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,13 @@ def main(argv: list[str]) -> int:
                    help="synthetic event file with labels: evaluate the alerts into the summary")
     args = p.parse_args(argv)
     cfg = AlertConfig(threshold=args.threshold, cooldown_ms=int(args.cooldown * 1000))
-    loop = loop_config(args)
+    if args.labels and not Path(args.labels).is_file():
+        print(f"clickvec alerts: the labels file {args.labels!r} (--labels) does not exist", file=sys.stderr)
+        return 2
+    started = start_checks("clickvec alerts", args, lambda: None)
+    if isinstance(started, int):
+        return started
+    loop = started[0]
     log.info("alerts config: %s %s", loop.describe(), asdict(cfg))
     handler = AlertHandler(cfg)
 

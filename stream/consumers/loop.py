@@ -19,22 +19,25 @@ import argparse
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from clickvec.contract.messages import VectorMessage
 from clickvec.contract.topics import DEFAULT_OUT_TOPIC
 from clickvec.errors import ClickvecError
 from clickvec.kafka import KafkaConnection, add_kafka_arguments, produce_waiting
+from clickvec.preflight import cluster_metadata, held_logs, require_topic, topic_partitions
 
 log = logging.getLogger(__name__)
 
 Record = tuple[bytes | None, bytes | None]  # (key, value) to publish; None value: a tombstone
 Handler = Callable[[Sequence[VectorMessage]], list[Record]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -92,13 +95,43 @@ def add_loop_arguments(p: argparse.ArgumentParser, out_default: str, group_defau
     p.add_argument("--duration", type=float, default=None, help="stop after SECONDS")
     p.add_argument("--idle-exit", type=float, default=None, help="stop after SECONDS without input")
     p.add_argument("--summary", type=Path, default=None, help="write a JSON summary here on exit")
+    p.add_argument("--debug", action="store_true", help="librdkafka's own log during the start-up check")
 
 
 def loop_config(args: argparse.Namespace) -> LoopConfig:
     if args.batch < 1:
-        raise SystemExit("--batch must be >= 1")
+        raise ValueError("--batch must be >= 1")
     return LoopConfig(args.in_topic, args.out_topic, args.group, args.batch, 0.5, args.duration,
                       args.idle_exit, KafkaConnection.from_args(args))
+
+
+def check_brokers_and_topics(cfg: LoopConfig, debug: bool = False) -> None:
+    """Before the loop's clients are made: the brokers (reachable, credentials, TLS: one
+    line within seconds; a consumer given a wrong address would otherwise poll forever),
+    the input topic (it must exist: `clickvec stream` creates it), and the output topic,
+    created with the input's partition count when missing."""
+    conn = cfg.connection
+    md = cluster_metadata(conn, debug=debug)
+    n = require_topic(md, cfg.in_topic, conn.brokers,
+                      "start `clickvec stream` first (it creates its output topic) or create it")
+    if topic_partitions(md, cfg.out_topic) is None:
+        conn.ensure_topic(cfg.out_topic, n)
+
+
+def start_checks(prog: str, args: argparse.Namespace, load: Callable[[], T]) -> tuple[LoopConfig, T] | int:
+    """A consumer command's start-up, in this order: `load()` (e.g. the model bundle, so a
+    bad path is named before any connection), the settings, the brokers and the topics.
+    Returns the loop's settings and what `load` returned, or, on a user's mistake, exit
+    code 2 after one line on stderr (their log held back; see clickvec/preflight.py)."""
+    try:
+        with held_logs(not getattr(args, "debug", False)):
+            loaded = load()
+            cfg = loop_config(args)
+            check_brokers_and_topics(cfg, getattr(args, "debug", False))
+    except (ClickvecError, OSError, ValueError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    return cfg, loaded
 
 
 def write_summary(path: Path | None, summary: dict[str, Any]) -> None:

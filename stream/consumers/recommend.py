@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from clickvec.contract.messages import VectorMessage
-from clickvec.stream.consumers.loop import Record, add_loop_arguments, loop_config, run_command
+from clickvec.errors import ClickvecError
+from clickvec.stream.consumers.loop import Record, add_loop_arguments, run_command, start_checks
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +153,24 @@ def main(argv: list[str]) -> int:
                    help="approximate index above this many items (default %(default)s)")
     p.add_argument("--eval-events", type=Path, default=None,
                    help="event file: hit rate of each recommendation on the user's next event")
+    p.add_argument("--trust", default=os.environ.get("CLICKVEC_TRUST") or None,
+                   help="public key file (Ed25519 PEM): refuse a bundle unless signed by this key "
+                        "(env CLICKVEC_TRUST; default: no signature needed)")
     args = p.parse_args(argv)
     if args.k < 1:
         raise SystemExit("--k must be >= 1")
-    from clickvec.bundle.reader import load_bundle
 
-    bundle = load_bundle(args.model, providers="cpu", warmup=False)
-    loop = loop_config(args)
+    def load() -> Any:
+        from clickvec.bundle.reader import load_bundle
+
+        if args.eval_events is not None and not args.eval_events.is_file():
+            raise ClickvecError(f"the events file {str(args.eval_events)!r} (--eval-events) does not exist")
+        return load_bundle(args.model, providers="cpu", warmup=False, trust=args.trust)
+
+    started = start_checks("clickvec recommend", args, load)  # the bundle before any connection
+    if isinstance(started, int):
+        return started
+    loop, bundle = started
     index = ItemIndex(bundle, args.ann_threshold)
     handler = RecommendHandler(index, args.k, next_items(args.eval_events) if args.eval_events else None)
     log.info("recommend config: %s k=%d index=%s model_id=%s", loop.describe(), args.k, index.kind,
