@@ -133,7 +133,7 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
 
     async def passed(partition: int, start: int, end: int) -> None:
         # Faust never saw these offsets: count them as done so its commits pass them.
-        await faust_internals.add_gap(app.consumer, TP(cfg.in_topic, partition), start, end - 1)
+        faust_internals.add_gap(app.consumer, TP(cfg.in_topic, partition), start, end - 1)
 
     async def filled(partition: int, start: int, end: int) -> None:
         metrics.gap_filled.inc(end - start)
