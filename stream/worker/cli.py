@@ -9,14 +9,13 @@ resolved configuration is logged at start-up. SIGTERM / Ctrl-C stop it cleanly.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from clickvec.errors import ClickvecError
+from clickvec.preflight import held_logs
 from clickvec.stream.worker import config as config_mod
 
 log = logging.getLogger(__name__)
@@ -46,16 +45,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--debug", action="store_true",
                    help="librdkafka's own log during the start-up connection check")
     args = p.parse_args(argv)
-    held: list[logging.LogRecord] = []
     try:
-        with _holding_logs(held, not args.debug):
+        with held_logs(not args.debug):
             cfg, bundle, partitions, brokers = _prepare(args)
     except (ClickvecError, ValueError, OSError) as e:
         # A user's mistake (model path, brokers, credentials, CA file, topic): one line.
         print(f"clickvec stream: {e}", file=sys.stderr)
         return 2
-    for record in held:  # the checks passed: their log, as it would have been
-        logging.getLogger(record.name).handle(record)
 
     import faust
 
@@ -70,27 +66,6 @@ def main(argv: list[str]) -> int:
     worker = worker_class(faust)(app, loglevel=args.loglevel, quiet=True, redirect_stdouts=False, **extra)
     worker.execute_from_commandline()
     return 0
-
-
-@contextlib.contextmanager
-def _holding_logs(held: list[logging.LogRecord], hold: bool) -> Iterator[None]:
-    """While the start-up checks run, the root logger's records go to `held` instead of
-    its handlers: when a check fails, its one line is all that is printed."""
-    root = logging.getLogger()
-    if not hold:
-        yield
-        return
-
-    class Hold(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            held.append(record)
-
-    saved = root.handlers[:]
-    root.handlers = [Hold()]
-    try:
-        yield
-    finally:
-        root.handlers = saved
 
 
 def _prepare(args: argparse.Namespace) -> tuple[config_mod.StreamConfig, Any, int, int]:
