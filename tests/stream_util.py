@@ -55,7 +55,9 @@ class TopicReader:
             "auto.offset.reset": "earliest", "enable.auto.commit": False,
         })
         self.c.subscribe([topic])
+        self.topic = topic
         self.messages: list[tuple[bytes | None, bytes]] = []
+        self.next: dict[int, int] = {}  # partition -> the offset after the last read
 
     def poll(self, seconds: float = 0.5) -> int:
         n = 0
@@ -66,8 +68,22 @@ class TopicReader:
                     continue
                 raise KafkaException(err)
             self.messages.append((m.key(), m.value()))
+            self.next[m.partition()] = m.offset() + 1
             n += 1
         return n
+
+    def read_to_end(self, timeout: float = 60) -> None:
+        """Poll until every partition is read up to its end offset as of now (a stopped
+        worker's last repeats included)."""
+        from confluent_kafka import TopicPartition
+
+        parts = self.c.list_topics(self.topic, timeout=10).topics[self.topic].partitions
+        ends = {p: self.c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1] for p in parts}
+        deadline = time.monotonic() + timeout
+        while any(self.next.get(p, 0) < end for p, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.topic}: not read to its end offsets {ends} within {timeout}s")
+            self.poll(0.5)
 
     def close(self) -> None:
         self.c.close()

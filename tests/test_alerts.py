@@ -151,8 +151,10 @@ def stream_vectors(bootstrap, new_topic, new_group, bundle_path, events, tmp_pat
     reader = TopicReader(bootstrap, vec)
     try:
         wait_for(reader, lambda m: VectorLog.of(m).distinct() >= len(events), 150, [w])
-    finally:
         assert w.stop() == 0, w.log_tail()
+        reader.read_to_end()  # repeats published after the last seq arrived count too
+    finally:
+        w.stop()
         reader.close()
     return vec, [VectorMessage.from_bytes(v) for _, v in reader.messages]
 
