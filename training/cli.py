@@ -129,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"clickvec train: {e}", file=sys.stderr)
         return 2
+    from clickvec.errors import ClickvecError
     from clickvec.training.train import train
 
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except ClickvecError as e:  # e.g. --resume over a last.pt that is not clickvec's format
+        print(f"clickvec train: {e}", file=sys.stderr)
+        return 1
     if result:
         print(json.dumps(summary(result, cfg.out), indent=2))
     return 0

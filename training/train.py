@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from clickvec.features import N_GAP_BUCKETS
 from clickvec.training.baselines import fit_baselines
-from clickvec.training.checkpoint import load_checkpoint, save_checkpoint
+from clickvec.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from clickvec.training.config import TrainConfig
 from clickvec.training.data import (
     Batch,
@@ -200,7 +200,7 @@ def setup(cfg: TrainConfig, source: Any = None) -> Run:
 
 
 def _resume(run: Run) -> None:
-    payload = torch.load(run.out / "last.pt", map_location="cpu", weights_only=False)
+    payload = read_checkpoint(run.out / "last.pt")
     run.encoder.load_state_dict(payload["state_dict"])
     run.opt.load_state_dict(payload["optimizer"])
     r = payload["resume"]
