@@ -60,7 +60,7 @@ FLAGS: list[tuple[str, Any, str]] = [
                              f"protocol in {', '.join(PROTOCOLS)}"),
     ("--patience", int, "epochs without a better select-metric before stopping"),
     ("--seed", int, "seed of python, numpy and torch"),
-    ("--max-minutes", float, "wall-clock budget for training (0: none)"),
+    ("--max-minutes", float, "wall-clock budget of the whole run: data, training, validation and the test ranking (0: none)"),
     ("--device", ("auto", "cpu", "cuda"), "where to train"),
     ("--num-threads", int, "torch CPU threads (0: torch's default)"),
 ]
