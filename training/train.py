@@ -321,6 +321,9 @@ def train(cfg: TrainConfig, source: Any = None) -> dict[str, Any]:
     started, valid_s = (time.perf_counter(), loop.step), []
     for epoch in range(loop.start_epoch, cfg.epochs):
         reserve = valid_s[0] + valid_s[-1] if valid_s else 0.0
+        if valid_s and run.world == 1 and time.perf_counter() > deadline - reserve:
+            loop.stop_reason = "time_cap"  # no time left for an epoch: no validation of nothing new
+            break
         train_loss, timed_out = train_epoch(run, epoch, deadline - reserve, started)
         t_valid = time.perf_counter()
         patience_out = validate(run, epoch, train_loss, valid_baselines, eval_kw) if run.rank == 0 else False
