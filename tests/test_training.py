@@ -19,6 +19,7 @@ import torch
 from clickvec import eventfile
 from clickvec.devtools.synth import SynthConfig, generate_table
 from clickvec.training.baselines import Markov, Popularity
+from clickvec.training.checkpoint import read_checkpoint
 from clickvec.training.config import TrainConfig
 from clickvec.training.data import bucket_batches, make_split, pad_batch
 from clickvec.training.evaluate import _tie_metrics, evaluate, sample_negatives
@@ -167,7 +168,7 @@ def test_objectives_backprop(tmp_path, loss, vae):
 # ------------------------------------------------------------------- train runs
 
 
-def test_same_seed_same_metrics_and_resume(tmp_path):
+def test_same_seed_same_metrics_and_resume(tmp_path, capsys):
     tab = tiny_table(60)
     r1 = train(tiny_cfg(tmp_path / "a"), tab)
     r2 = train(tiny_cfg(tmp_path / "b"), tab)
@@ -178,11 +179,46 @@ def test_same_seed_same_metrics_and_resume(tmp_path):
                  "metrics.png"):
         assert (out / name).exists(), name
     assert json.loads((out / "config.json").read_text())["seed"] == 0
-    last = torch.load(out / "last.pt", weights_only=False)
+    last = read_checkpoint(out / "last.pt")
     assert "optimizer" in last and last["epoch"] == 1
+    _check_no_pickle(out, tmp_path, capsys)
     # Resume: one more epoch on top of last.pt.
     r3 = train(replace(tiny_cfg(tmp_path / "a"), epochs=3, resume=True), tab)
     assert r3["epochs_run"] == 3 and [h["epoch"] for h in r3["history"]] == [0, 1, 2]
+
+
+def _check_no_pickle(run: Path, tmp_path: Path, capsys) -> None:
+    """Checkpoints are safetensors (tensors + JSON metadata, no pickle); a pickled one is
+    refused by `clickvec export` with one line naming the file, and never unpickled."""
+    import pickle
+
+    from safetensors.torch import load_file
+
+    from clickvec.export.cli import main as export_main
+
+    for name in ("best.pt", "last.pt"):
+        raw = (run / name).read_bytes()
+        assert not raw.startswith(b"PK") and b"\x80\x02" not in raw[:16], name  # no zip/pickle container
+        assert any(k.startswith("model.item_emb") for k in load_file(str(run / name))), name
+    evil = tmp_path / "evil" / "best.pt"
+    evil.parent.mkdir()
+    ran = tmp_path / "unpickled"
+    # Unpickling this would create `ran`: the proof that a loader ran pickle.
+    evil.write_bytes(pickle.dumps(_Touch(str(ran))))
+    torch.save({"state_dict": {}}, tmp_path / "evil" / "last.pt")
+    for target in (evil, tmp_path / "evil" / "last.pt"):
+        assert export_main([str(target), "--out", str(tmp_path / "bundle")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(target) in err and "not a clickvec checkpoint" in err, err
+    assert not ran.exists() and not (tmp_path / "bundle").exists()
+
+
+class _Touch:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def test_ddp_two_processes(tmp_path):

@@ -60,7 +60,7 @@ FLAGS: list[tuple[str, Any, str]] = [
                              f"protocol in {', '.join(PROTOCOLS)}"),
     ("--patience", int, "epochs without a better select-metric before stopping"),
     ("--seed", int, "seed of python, numpy and torch"),
-    ("--max-minutes", float, "wall-clock budget for training (0: none)"),
+    ("--max-minutes", float, "wall-clock budget of the whole run: data, training, validation and the test ranking (0: none)"),
     ("--device", ("auto", "cpu", "cuda"), "where to train"),
     ("--num-threads", int, "torch CPU threads (0: torch's default)"),
 ]
@@ -129,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"clickvec train: {e}", file=sys.stderr)
         return 2
+    from clickvec.errors import ClickvecError
     from clickvec.training.train import train
 
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except ClickvecError as e:  # e.g. --resume over a last.pt that is not clickvec's format
+        print(f"clickvec train: {e}", file=sys.stderr)
+        return 1
     if result:
         print(json.dumps(summary(result, cfg.out), indent=2))
     return 0

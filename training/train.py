@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from clickvec.features import N_GAP_BUCKETS
 from clickvec.training.baselines import fit_baselines
-from clickvec.training.checkpoint import load_checkpoint, save_checkpoint
+from clickvec.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from clickvec.training.config import TrainConfig
 from clickvec.training.data import (
     Batch,
@@ -200,7 +200,7 @@ def setup(cfg: TrainConfig, source: Any = None) -> Run:
 
 
 def _resume(run: Run) -> None:
-    payload = torch.load(run.out / "last.pt", map_location="cpu", weights_only=False)
+    payload = read_checkpoint(run.out / "last.pt")
     run.encoder.load_state_dict(payload["state_dict"])
     run.opt.load_state_dict(payload["optimizer"])
     r = payload["resume"]
@@ -313,15 +313,25 @@ def train(cfg: TrainConfig, source: Any = None) -> dict[str, Any]:
     valid_baselines = fit_baselines(run.split.train, run.split.spec.n_items)
     eval_kw = {"device": run.device, "k": cfg.eval_k, "num_negatives": cfg.num_eval_negatives,
                "seed": cfg.eval_seed, "batch_size": cfg.eval_batch_size}
-    deadline = time.perf_counter() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
-    started = (time.perf_counter(), loop.step)
+    # --max-minutes bounds the whole run (reading the data, validations and the final test
+    # included): training stops early enough for one more validation (as long as the last
+    # one) and the test ranking (as long as the first validation, which also scored the
+    # baselines; later ones reuse those scores).
+    deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+    started, valid_s = (time.perf_counter(), loop.step), []
     for epoch in range(loop.start_epoch, cfg.epochs):
-        train_loss, timed_out = train_epoch(run, epoch, deadline, started)
+        reserve = valid_s[0] + valid_s[-1] if valid_s else 0.0
+        if valid_s and run.world == 1 and time.perf_counter() > deadline - reserve:
+            loop.stop_reason = "time_cap"  # no time left for an epoch: no validation of nothing new
+            break
+        train_loss, timed_out = train_epoch(run, epoch, deadline - reserve, started)
+        t_valid = time.perf_counter()
         patience_out = validate(run, epoch, train_loss, valid_baselines, eval_kw) if run.rank == 0 else False
         if timed_out or patience_out:
             loop.stop_reason = "time_cap" if timed_out else "early_stop"
         if _broadcast_stop(run, timed_out or patience_out):
             break
+        valid_s.append(time.perf_counter() - t_valid)  # every rank waited for rank 0's validation
     result = finish(run, eval_kw, time.perf_counter() - t_start) if run.rank == 0 else {}
     if run.world > 1:
         import torch.distributed as dist
