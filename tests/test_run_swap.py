@@ -45,7 +45,7 @@ def test_swap_in_replaces_every_part_and_leaves_nothing_behind(tmp_path: Path) -
     assert sorted(p.name for p in work.iterdir()) == sorted([*BUILD_PARTS, STATE_FILE])
 
 
-def test_failed_run_keeps_the_good_build_and_summary(tmp_path: Path) -> None:
+def test_failed_run_keeps_the_good_build_and_summary(tmp_path: Path, kafka_bootstrap: str) -> None:
     work = tmp_path / "run"
     _fake_build(work, "good")
     (work / "run_summary.json").write_text('{"run_id": "good"}\n')
@@ -53,10 +53,11 @@ def test_failed_run_keeps_the_good_build_and_summary(tmp_path: Path) -> None:
     before = _snapshot(work)
     bad = tmp_path / "events.csv"
     bad.write_text("this,is\nnot,an event file\n")
-    # --brokers: no local broker to start; the build fails on the data before any connection.
+    # --brokers: no local broker to start (the start-up check needs a reachable one); the
+    # build then fails on the data.
     p = subprocess.run(
         [sys.executable, "-m", "clickvec.cli", "run", "--quick", "--no-dashboard", "--workdir", str(work),
-         "--brokers", "127.0.0.1:1", "--data", str(bad), "--duration", "1"],
+         "--brokers", kafka_bootstrap, "--data", str(bad), "--duration", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert p.returncode == 1, p.stdout + p.stderr
