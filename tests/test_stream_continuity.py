@@ -9,7 +9,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from clickvec.devtools.produce import produce_records
-from clickvec.stream.worker.continuity import Continuity, find_holes
+from clickvec.stream.worker.continuity import Continuity, find_holes, retrying
 from clickvec.stream.worker.engine import Record
 
 
@@ -48,7 +48,8 @@ def test_holes_are_read_back_from_the_broker(kafka_bootstrap, new_topic, new_gro
     group = new_group()
     # The group committed offset 20 on partition 0 and nothing on partition 1.
     committer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
-    committer.commit(offsets=[TopicPartition(topic, 0, 20)], asynchronous=False)
+    # A fresh broker's group coordinator may not be ready yet (NOT_COORDINATOR): retried.
+    retrying(lambda: committer.commit(offsets=[TopicPartition(topic, 0, 20)], asynchronous=False), "commit", 30)
     committer.close()
     reader.close()
 
