@@ -35,6 +35,7 @@ class Share:
     until: dict[int, int] | None
     batch_users: int
     threads: int
+    pruned: bytes | None = None  # the pruned step graph (RecurrentSession.pruned_model)
 
 
 def _light(hist: History) -> History:
@@ -50,7 +51,7 @@ def _run_share(share: Share) -> tuple[History, Rebuilt, int]:
     bundle = load_bundle(share.bundle_path, providers=share.providers, intra_op_threads=share.threads,
                          warmup=False)
     hist = read_topic(share.conf, share.topic, bundle.spec, until=share.until, partitions=share.partitions)
-    built = rebuild(RecurrentSession(bundle, share.threads), hist, batch_users=share.batch_users)
+    built = rebuild(RecurrentSession(bundle, share.threads, share.pruned), hist, batch_users=share.batch_users)
     return _light(hist), built, hist.events
 
 
@@ -83,9 +84,15 @@ def read_and_rebuild(conf: dict[str, Any], topic: str, bundle: Any, until: dict[
         built = rebuild(RecurrentSession(bundle, threads), hist, batch_users=batch_users)
         return hist, built, hist.events
     parts = sorted(marks)
+    session = RecurrentSession(bundle, 1)
     shares = [Share(conf, topic, str(bundle.path), bundle.providers, tuple(parts[i::workers]), ends,
-                    batch_users, 1) for i in range(workers)]
+                    batch_users, 1, session.pruned_model) for i in range(workers)]
     log.info("rebuilding %d events of %s in %d processes", total, topic, workers)
     # spawn: the parent may already run librdkafka threads, which a fork would copy half-way.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return _concat(pool.map(_run_share, shares))
+    # The parent does the first share itself while the children start and do the others:
+    # it has the bundle loaded already, and a child's start (imports, bundle) is time lost.
+    with multiprocessing.get_context("spawn").Pool(workers - 1) as pool:
+        pending = pool.map_async(_run_share, shares[1:])
+        hist = read_topic(conf, topic, bundle.spec, until=ends, partitions=shares[0].partitions)
+        built = rebuild(session, hist, batch_users=batch_users)
+        return _concat([(_light(hist), built, hist.events), *pending.get()])
