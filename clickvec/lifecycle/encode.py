@@ -1,5 +1,6 @@
 """Every user's state from their whole history, offline and batched: the same ONNX step
-graph the worker runs, many users per call, whole sequences per call.
+graph the worker runs, many users per call, many steps per call, no padded steps
+(`rebuild`: users sorted by length and stepped in lockstep).
 
 The step graph also scores every event against the whole catalogue (`surprise`), which a
 rebuild needs only for each user's last event (its vector message carries it). So the

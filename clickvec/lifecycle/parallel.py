@@ -3,8 +3,9 @@ each: a user's events all live in one partition, so partitions rebuild independe
 
 Reading is Python work per event (the contract's parser, as the worker's), so one
 process would use one core while ONNX Runtime waits; with one process per core (each
-ONNX Runtime session on one thread) reading and rebuilding fill every core. Small
-histories are done in this process: starting a process costs more than they do.
+ONNX Runtime session on one thread) reading and rebuilding fill every core; this
+process does one share itself. Small histories are done in this process alone: starting
+a process costs more than they do.
 """
 
 from __future__ import annotations
