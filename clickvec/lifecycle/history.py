@@ -11,6 +11,7 @@ and left out, as the worker leaves them out of the state.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import zlib
@@ -109,6 +110,18 @@ class Columns:
         """Records of the input topic, validated as the worker validates them
         (`parse_core_many` is `parse_event` on each value); those it would dead-letter
         (not a click event, key not the user id) are counted in `skipped` and left out."""
+        # The cyclic collector would walk the batch's tuples (acyclic, freed with the batch)
+        # on every few hundred allocations: paused, a batch costs ~40% less.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._add_messages(keys, values, partitions, offsets)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _add_messages(self, keys: list[bytes | None], values: list[bytes | None],
+                      partitions: Sequence[int] | np.ndarray, offsets: Sequence[int] | np.ndarray) -> None:
         evs = parse_core_many(values)
         # The key is the user id as the worker compares them (the key decoded with
         # replacement); equal UTF-8 bytes settle it without decoding.

@@ -85,14 +85,14 @@ def read_and_rebuild(conf: dict[str, Any], topic: str, bundle: Any, until: dict[
         built = rebuild(RecurrentSession(bundle, threads), hist, batch_users=batch_users)
         return hist, built, hist.events
     parts = sorted(marks)
-    session = RecurrentSession(bundle, 1)
-    shares = [Share(conf, topic, str(bundle.path), bundle.providers, tuple(parts[i::workers]), ends,
-                    batch_users, 1, session.pruned_model) for i in range(workers)]
     log.info("rebuilding %d events of %s in %d processes", total, topic, workers)
     # spawn: the parent may already run librdkafka threads, which a fork would copy half-way.
-    # The parent does the first share itself while the children start and do the others:
-    # it has the bundle loaded already, and a child's start (imports, bundle) is time lost.
+    # The children start first (their interpreters start while this process prunes the
+    # graph); this process does the first share itself: it has the bundle loaded already.
     with multiprocessing.get_context("spawn").Pool(workers - 1) as pool:
+        session = RecurrentSession(bundle, 1)
+        shares = [Share(conf, topic, str(bundle.path), bundle.providers, tuple(parts[i::workers]), ends,
+                        batch_users, 1, session.pruned_model) for i in range(workers)]
         pending = pool.map_async(_run_share, shares[1:])
         hist = read_topic(conf, topic, bundle.spec, until=ends, partitions=shares[0].partitions)
         built = rebuild(session, hist, batch_users=batch_users)
