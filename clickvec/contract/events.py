@@ -238,3 +238,41 @@ def _event_of(obj: Any) -> ClickEvent:
     assert user_id is not None and item_id is not None
     return ClickEvent(user_id, item_id, et, ts, category, amount, session_id)
 
+
+
+def parse_core_many(values: list[bytes | None]) -> list[tuple[str, str, str, int] | None]:
+    """(user_id, item_id, event_type, ts) of each message value, None for a value that
+    `parse_event` refuses: `parse_event`'s result on every value, for bulk readers (the
+    backfill) that need only these four fields.
+
+    The common event (orjson decodes it to an object whose three ids are strings and ts an
+    integer, no optional field set) is checked here with a few type and bound tests; every
+    other value goes through `parse_event` itself. orjson never yields a lone surrogate,
+    so the encodability check holds for its strings; `s and not s.isspace()` is
+    `bool(s.strip())`.
+    """
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    out: list[tuple[str, str, str, int] | None] = []
+    add = out.append
+    for v in values:
+        try:
+            obj = loads(v) if v and len(v) <= MAX_MESSAGE_BYTES else None  # type: ignore[arg-type]
+        except decode_error:
+            obj = None
+        if type(obj) is dict:
+            g = obj.get
+            u, i, e, ts = g("user_id"), g("item_id"), g("event_type"), g("ts")
+            if (type(u) is str and type(i) is str and type(e) is str and type(ts) is int
+                    and MIN_TS_MS <= ts < MAX_TS_MS
+                    and 0 < len(u) <= MAX_ID_CHARS and 0 < len(i) <= MAX_ID_CHARS and 0 < len(e) <= MAX_ID_CHARS
+                    and not u.isspace() and not i.isspace() and not e.isspace()
+                    and g("category") is None and g("session_id") is None and g("amount") is None):
+                add((u, i, e, ts))
+                continue
+        try:
+            ev = parse_event(v)
+        except EventError:
+            add(None)
+        else:
+            add((ev.user_id, ev.item_id, ev.event_type, ev.ts))
+    return out

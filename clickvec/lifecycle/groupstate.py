@@ -38,11 +38,23 @@ def committed_offsets(conf: dict[str, Any], group: str, topic: str, partitions: 
                       timeout: float = 30.0) -> dict[int, int]:
     """partition -> the group's committed offset on `topic` (partitions without one left out)."""
     c = Consumer({**conf, "group.id": group, "enable.auto.commit": False})
+    tps = [TopicPartition(topic, p) for p in partitions]
     try:
-        got = c.committed([TopicPartition(topic, p) for p in partitions], timeout=timeout)
+        # A freshly started broker's group coordinator may still be loading.
+        got = _coordinator_retried(lambda: c.committed(tps, timeout=timeout), f"group {group!r}", timeout)
     finally:
         c.close()
     return {tp.partition: tp.offset for tp in got if tp.offset >= 0}
+
+
+def _coordinator_retried(call: Any, what: str, timeout: float) -> Any:
+    """`call()`, retried while the group coordinator is loading or moving (bounded)."""
+    from clickvec.stream.worker.continuity import GapError, retrying
+
+    try:
+        return retrying(call, what, timeout)
+    except GapError as e:
+        raise GroupStateError(str(e)) from None
 
 
 def commit_offsets(conf: dict[str, Any], group: str, topic: str, offsets: dict[int, int],
@@ -52,7 +64,8 @@ def commit_offsets(conf: dict[str, Any], group: str, topic: str, offsets: dict[i
     c = Consumer({**conf, "group.id": group, "enable.auto.commit": False})
     try:
         tps = [TopicPartition(topic, p, o) for p, o in sorted(offsets.items())]
-        for tp in c.commit(offsets=tps, asynchronous=False) or []:
+        done = _coordinator_retried(lambda: c.commit(offsets=tps, asynchronous=False), f"group {group!r}", timeout)
+        for tp in done or []:
             if tp.error is not None:
                 raise GroupStateError(f"commit of {topic}[{tp.partition}] for group {group!r}: {tp.error}")
     except KafkaException as e:

@@ -3,8 +3,9 @@ each: a user's events all live in one partition, so partitions rebuild independe
 
 Reading is Python work per event (the contract's parser, as the worker's), so one
 process would use one core while ONNX Runtime waits; with one process per core (each
-ONNX Runtime session on one thread) reading and rebuilding fill every core. Small
-histories are done in this process: starting a process costs more than they do.
+ONNX Runtime session on one thread) reading and rebuilding fill every core; this
+process does one share itself. Small histories are done in this process alone: starting
+a process costs more than they do.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Share:
     until: dict[int, int] | None
     batch_users: int
     threads: int
+    pruned: bytes | None = None  # the pruned step graph (RecurrentSession.pruned_model)
 
 
 def _light(hist: History) -> History:
@@ -50,7 +52,7 @@ def _run_share(share: Share) -> tuple[History, Rebuilt, int]:
     bundle = load_bundle(share.bundle_path, providers=share.providers, intra_op_threads=share.threads,
                          warmup=False)
     hist = read_topic(share.conf, share.topic, bundle.spec, until=share.until, partitions=share.partitions)
-    built = rebuild(RecurrentSession(bundle, share.threads), hist, batch_users=share.batch_users)
+    built = rebuild(RecurrentSession(bundle, share.threads, share.pruned), hist, batch_users=share.batch_users)
     return _light(hist), built, hist.events
 
 
@@ -83,9 +85,15 @@ def read_and_rebuild(conf: dict[str, Any], topic: str, bundle: Any, until: dict[
         built = rebuild(RecurrentSession(bundle, threads), hist, batch_users=batch_users)
         return hist, built, hist.events
     parts = sorted(marks)
-    shares = [Share(conf, topic, str(bundle.path), bundle.providers, tuple(parts[i::workers]), ends,
-                    batch_users, 1) for i in range(workers)]
     log.info("rebuilding %d events of %s in %d processes", total, topic, workers)
     # spawn: the parent may already run librdkafka threads, which a fork would copy half-way.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return _concat(pool.map(_run_share, shares))
+    # The children start first (their interpreters start while this process prunes the
+    # graph); this process does the first share itself: it has the bundle loaded already.
+    with multiprocessing.get_context("spawn").Pool(workers - 1) as pool:
+        session = RecurrentSession(bundle, 1)
+        shares = [Share(conf, topic, str(bundle.path), bundle.providers, tuple(parts[i::workers]), ends,
+                        batch_users, 1, session.pruned_model) for i in range(workers)]
+        pending = pool.map_async(_run_share, shares[1:])
+        hist = read_topic(conf, topic, bundle.spec, until=ends, partitions=shares[0].partitions)
+        built = rebuild(session, hist, batch_users=batch_users)
+        return _concat([(_light(hist), built, hist.events), *pending.get()])
