@@ -161,7 +161,7 @@ def serve_and_look_up(bootstrap: str, redis_url: str, topic: str, got: dict[str,
 
 
 def test_rollout_without_a_gap(kafka_bootstrap, new_topic, new_group, stream_bundle_path, second_bundle_path,
-                               tmp_path):
+                               tmp_path, caplog):
     """The old model's worker serves; events keep coming; `clickvec rollout` rebuilds
     every user under the new model, writes the cut-over and the new group's state; the
     new model's worker takes over. Followed as cutover.py documents, no user's seqs have
@@ -221,10 +221,11 @@ def test_rollout_without_a_gap(kafka_bootstrap, new_topic, new_group, stream_bun
             roll.kill()
     assert any(p["phase"] == "rebuild" and p["users_rebuilt"] > 0 for p in phases)
     print("rollout phases:", [(p["phase"], p.get("events", p.get("lag", ""))) for p in phases])
-    check_cutover(kafka_bootstrap, out, old_b, new_b, events)
+    msgs = check_cutover(kafka_bootstrap, out, old_b, new_b, events)
+    recommend_across(msgs, old_b, new_b, events, caplog)
 
 
-def check_cutover(bootstrap: str, topic: str, old_b, new_b, events) -> None:
+def check_cutover(bootstrap: str, topic: str, old_b, new_b, events) -> list:
     from confluent_kafka import Consumer, TopicPartition
 
     from clickvec.lifecycle.cutover import Cutover, ModelFollower, is_control
@@ -264,6 +265,57 @@ def check_cutover(bootstrap: str, topic: str, old_b, new_b, events) -> None:
         assert all(model == new_b.model_id for after, model, _ in taken[uid] if after), uid
         assert taken[uid][-1][1:] == (new_b.model_id, len(evs)), taken[uid][-3:]
     print("rollout:", {"users": len(by_user), "vectors": total, "max_abs_diff": worst})
+    return msgs
+
+
+def recommend_across(msgs, old_b, new_b, events, caplog) -> None:
+    """The rollout's vector topic, as consumed, through the consumer loop's decoding and
+    `clickvec recommend`'s handler given both bundles: after each partition's control
+    record only new-model vectors are scored, each with its own model's bundle; the last
+    recommendation of every user is the new model's on the user's whole history. Given
+    only the old bundle, the cut-over is one warning line and the new vectors are skipped."""
+    import logging
+
+    from clickvec.lifecycle.cutover import Cutover, ModelFollower, is_control
+    from clickvec.stream.consumers.loop import LoopConfig, VectorTopicLoop
+    from clickvec.stream.consumers.recommend import ItemIndex, RecommendHandler
+
+    both = RecommendHandler([ItemIndex(old_b), ItemIndex(new_b)], k=5)
+    loop = VectorTopicLoop(LoopConfig("in", "out", "g"), both)
+    out, _ = loop.handle(msgs)
+    recs = [json.loads(v) for _, v in out]
+    follower, decoded = ModelFollower(), []  # what the loop should hand on, as cutover.py says
+    for m in msgs:
+        if is_control(m.key()):
+            follower.control(m.partition(), Cutover.from_bytes(m.value()))
+        elif follower.takes_model(m.partition(), (v := VectorMessage.from_bytes(m.value())).model_id):
+            decoded.append(v)
+    assert sorted((r["user_id"], r["seq"], r["model_id"]) for r in recs) == sorted(
+        (m.user_id, m.seq, m.model_id) for m in decoded)
+    parts = {m.partition() for m in msgs}
+    assert loop.stats.controls == len(parts) and loop.stats.undecodable == 0, loop.stats
+    assert loop.stats.decoded + loop.stats.other_model + loop.stats.controls == len(msgs) == loop.stats.consumed
+    assert both.skipped_model == 0 and both.recommended == len(recs) == len(decoded)
+    n_events = defaultdict(int)
+    for e in events:
+        n_events[e.user_id] += 1
+    last = {r["user_id"]: r for r in recs}
+    assert {r["model_id"] for r in last.values()} == {new_b.model_id}
+    assert all(r["seq"] == n_events[u] for u, r in last.items()) and set(last) == set(n_events)
+    vecs = {(m.user_id, m.seq): m for m in decoded if m.model_id == new_b.model_id}
+    ix = both.indexes[new_b.model_id]
+    for u, r in list(last.items())[:50]:  # the new bundle's own top-k of that vector
+        row, _ = ix.topk(np.asarray([vecs[(u, r["seq"])].vector], np.float32), 5)
+        assert r["items"] == [new_b.spec.index_to_item(int(i)) for i in row[0]], u
+
+    old_only = RecommendHandler(ItemIndex(old_b), k=5)
+    loop = VectorTopicLoop(LoopConfig("in", "out", "g"), old_only)
+    with caplog.at_level(logging.WARNING, logger="clickvec.stream.consumers.recommend"):
+        loop.handle(msgs)
+    warned = [r for r in caplog.records if "no --model bundle" in r.getMessage()]
+    assert len(warned) == 1 and new_b.model_id[:12] in warned[0].getMessage(), caplog.text
+    assert old_only.skipped_model == sum(1 for m in decoded if m.model_id == new_b.model_id)
+    print("recommend across the cut-over:", {"recommendations": len(recs), "other_model": loop.stats.other_model})
 
 
 def test_backfill_from_file(kafka_bootstrap, new_topic, new_group, stream_bundle_path, tmp_path):

@@ -11,6 +11,7 @@ offset of the user's last event, so any record at or below it is skipped as a re
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,6 +21,8 @@ from clickvec.errors import ClickvecError
 from clickvec.kafka import KafkaConnection, produce_waiting
 
 log = logging.getLogger(__name__)
+_COORDINATOR_MOVING = (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                       KafkaError.COORDINATOR_NOT_AVAILABLE)
 
 TABLE_NAME = "user-state"  # stream/worker/table.py TABLE_NAME (not imported: that pulls in Faust)
 
@@ -37,9 +40,20 @@ def changelog_topic(group: str) -> str:
 def committed_offsets(conf: dict[str, Any], group: str, topic: str, partitions: Iterable[int],
                       timeout: float = 30.0) -> dict[int, int]:
     """partition -> the group's committed offset on `topic` (partitions without one left out)."""
+    tps = [TopicPartition(topic, p) for p in partitions]
+    deadline = time.monotonic() + timeout
     c = Consumer({**conf, "group.id": group, "enable.auto.commit": False})
     try:
-        got = c.committed([TopicPartition(topic, p) for p in partitions], timeout=timeout)
+        while True:
+            try:
+                got = c.committed(tps, timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except KafkaException as e:
+                # A group coordinator that just moved or is still loading answers
+                # NOT_COORDINATOR / COORDINATOR_LOAD_IN_PROGRESS: ask again, as the consumer does.
+                if e.args[0].code() not in _COORDINATOR_MOVING or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
     finally:
         c.close()
     return {tp.partition: tp.offset for tp in got if tp.offset >= 0}
