@@ -128,8 +128,13 @@ def serve_and_look_up(bootstrap: str, redis_url: str, topic: str, got: dict[str,
     duplicate: RedisLookup and TopicLookup give each user's last vector on the topic."""
     import redis
 
-    from clickvec.client.lookup import RedisLookup, TopicLookup
+    from clickvec.client import RedisLookup, TopicLookup
     from clickvec.devtools.produce import produce_records
+
+    # The package re-exports the lookups without importing redis-py (the `serve` extra) itself.
+    lazy = "import sys, clickvec.client as c; assert 'redis' not in sys.modules; c.TopicLookup; print(c.__all__)"
+    assert "RedisLookup" in subprocess.run([sys.executable, "-c", lazy], capture_output=True, text=True,
+                                           check=True).stdout
 
     users = sorted(got)
     gone, dup = users[0], users[1]
@@ -358,3 +363,33 @@ def test_backfill_from_file(kafka_bootstrap, new_topic, new_group, stream_bundle
         assert v.seq == len(evs) and v.event_ts == evs[-1].ts
         worst = max(worst, float(np.abs(np.asarray(v.vector, np.float32) - offline(bundle, evs)[-1]).max()))
     assert worst <= 1e-5, worst
+
+
+def test_redis_fetch_updates_empty_package_lists(tmp_path, monkeypatch):
+    """A fresh Debian image has no apt package lists: `apt-get download` fails with
+    "Unable to locate package". As root, clickvec.devtools.redis runs `apt-get update`
+    and downloads again; otherwise it says what to do in one line. (A stand-in apt-get
+    on PATH: this checks `_fetch`'s decision, not the Debian mirror.)"""
+    import os
+
+    from clickvec.devtools import redis as redis_dev
+
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    fake = bin_dir / "apt-get"
+    fake.write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+case "$1" in
+  update) touch {tmp_path}/lists; exit 0 ;;
+  download) [ -f {tmp_path}/lists ] && exit 0; echo "E: Unable to locate package $2" >&2; exit 100 ;;
+esac
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    if os.geteuid() == 0:
+        redis_dev._fetch(["redis-server"], tmp_path / "root")  # noqa: SLF001
+        assert calls.read_text().split("\n")[:3] == ["download redis-server", "update -qq", "download redis-server"]
+    else:
+        with pytest.raises(redis_dev.RedisError, match="run apt-get update as root once"):
+            redis_dev._fetch(["redis-server"], tmp_path / "root")  # noqa: SLF001
+        assert calls.read_text().split("\n")[:2] == ["download redis-server", ""]
