@@ -393,3 +393,41 @@ esac
         with pytest.raises(redis_dev.RedisError, match="run apt-get update as root once"):
             redis_dev._fetch(["redis-server"], tmp_path / "root")  # noqa: SLF001
         assert calls.read_text().split("\n")[:2] == ["download redis-server", ""]
+
+
+def test_compare_models_and_rollout_refuses_drift(kafka_bootstrap, new_topic, new_group, stream_bundle_path,
+                                                  second_bundle_path, tmp_path):
+    """`clickvec compare`: both bundles on the same leave-one-out cases (the training's
+    split), HR@10/NDCG@10 with ties scored as the training's evaluator does; the deltas
+    flip sign with the order. `clickvec rollout --compare-data` toward the worse model
+    refuses in one line before writing anything."""
+    from clickvec.eventfile import write_events
+    from clickvec.lifecycle.compare import compare, tie_metrics
+    from clickvec.training.evaluate import _tie_metrics
+
+    rng = np.random.default_rng(0)
+    g, t, ok = rng.integers(0, 30, 200), rng.integers(0, 5, 200), rng.random(200) > 0.1
+    ref = _tie_metrics(g, t, 10, ok)
+    for name, v in tie_metrics(g, t, 10, ok).items():
+        assert np.allclose(v, ref[name]), name
+
+    a, b = load_bundle(stream_bundle_path, providers="cpu"), load_bundle(second_bundle_path, providers="cpu")
+    data = write_events(generate_events(SynthConfig(n_users=200, seed=41, mean_events=8)), tmp_path / "eval.parquet")
+    ab, ba, aa = compare(a, b, data), compare(b, a, data), compare(a, a, data)
+    assert ab["cases"] == ba["cases"] > 100 and ab["split"] == "loo"
+    for p in ("full", "full_seen_excluded"):
+        for n in ("hr@10", "ndcg@10"):
+            assert 0 <= ab["old"][p][n] <= 1 and ab["old"][p][n] == ba["new"][p][n], (p, n)
+            assert ab["delta"][p][n] == pytest.approx(-ba["delta"][p][n], abs=2e-5) and aa["delta"][p][n] == 0
+    assert not aa["worse"] and ab["worse"] != ba["worse"], (ab["delta"], ba["delta"])
+    better, worse = (stream_bundle_path, second_bundle_path) if ab["worse"] else (second_bundle_path,
+                                                                                stream_bundle_path)
+    src = new_topic(4, "clicks")
+    r = clickvec("rollout", "--from-model", str(better), "--to-model", str(worse), "--from-group", new_group(),
+                 "--group", f"{new_group()}-{{model}}", "--brokers", kafka_bootstrap, "--in", src,
+                 "--out", new_topic(4, "vectors"), "--providers", "cpu", "--compare-data", str(data))
+    assert r.returncode == 2, r.stdout + r.stderr[-2000:]
+    phases = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [p["phase"] for p in phases] == ["compare"] and phases[0]["worse"], phases
+    assert r.stderr.strip().splitlines()[-1].startswith("clickvec rollout: the new model is worse"), r.stderr
+    print("compare:", {"cases": ab["cases"], "delta": ab["delta"]})
