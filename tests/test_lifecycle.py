@@ -320,6 +320,20 @@ def recommend_across(msgs, old_b, new_b, events, caplog) -> None:
     warned = [r for r in caplog.records if "no --model bundle" in r.getMessage()]
     assert len(warned) == 1 and new_b.model_id[:12] in warned[0].getMessage(), caplog.text
     assert old_only.skipped_model == sum(1 for m in decoded if m.model_id == new_b.model_id)
+    # The alert scorer never measures a vector's movement against another model's vector.
+    from clickvec.stream.consumers.alerts import AlertScorer
+
+    scorer, prev = AlertScorer(), {}
+    for m in decoded:
+        sc = scorer.score(m)
+        v = np.asarray(m.vector, np.float32)
+        ref = prev.get(m.user_id)
+        if not sc.replay:
+            want = 0.0 if ref is None or ref[0] != m.model_id else 1 - float(ref[1] @ v) / float(
+                np.linalg.norm(ref[1]) * np.linalg.norm(v))
+            assert sc.movement == pytest.approx(want, abs=1e-5), (m.user_id, m.seq, m.model_id)
+        if not sc.replay or (ref[0] != m.model_id and ref[2] == m.seq):  # a cut-over's restatement
+            prev[m.user_id] = (m.model_id, v, m.seq if not sc.replay else ref[2])
     print("recommend across the cut-over:", {"recommendations": len(recs), "other_model": loop.stats.other_model})
 
 
