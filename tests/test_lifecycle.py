@@ -434,6 +434,14 @@ def test_compare_models_and_rollout_refuses_drift(kafka_bootstrap, new_topic, ne
             assert 0 <= ab["old"][p][n] <= 1 and ab["old"][p][n] == ba["new"][p][n], (p, n)
             assert ab["delta"][p][n] == pytest.approx(-ba["delta"][p][n], abs=2e-5) and aa["delta"][p][n] == 0
     assert not aa["worse"] and ab["worse"] != ba["worse"], (ab["delta"], ba["delta"])
+    # The training report's form: the old bundle beside this run's test metrics, same cases.
+    from clickvec.lifecycle.compare import against_training, markdown
+
+    rep = against_training(stream_bundle_path, data, "loo", {"model": ab["new"]})
+    assert rep["cases"] == ab["cases"] and rep["old"] == ab["old"] and rep["worse"] == ab["worse"]
+    assert all(rep["delta"][p][n] == pytest.approx(ab["delta"][p][n], abs=2e-5) for p in rep["delta"]
+               for n in rep["delta"][p])
+    assert "| full_seen_excluded | NDCG@10 |" in markdown(rep)
     better, worse = (stream_bundle_path, second_bundle_path) if ab["worse"] else (second_bundle_path,
                                                                                 stream_bundle_path)
     src = new_topic(4, "clicks")

@@ -140,6 +140,33 @@ def compare_paths(old_path: str | Path, new_path: str | Path, data: str | Path, 
     return compare(old, new, data, split, k)
 
 
+def against_training(old_path: str | Path, data: str | Path, split: str, test_metrics: dict[str, Any],
+                     k: int = 10) -> dict[str, Any]:
+    """For a training report (`clickvec train --compare-with OLD_BUNDLE`): the old bundle on
+    the test cases of the training's own split of `data`, beside the new model's test
+    metrics (`training.evaluate.evaluate(...)`, whose "model" holds {protocol: {hr@k,
+    ndcg@k}}) as `compare`'s result, so `markdown` renders it. The same cases: both come
+    from `make_split(data, split)`."""
+    from clickvec.bundle.reader import load_bundle
+
+    old = load_bundle(old_path, providers="cpu", warmup=False)
+    histories, cases = evaluation_cases(data, split)
+    m = score_bundle(old, histories, cases, k)
+    new = test_metrics["model"]
+    r: dict[str, Any] = {"data": str(data), "split": split, "cases": len(cases), "k": k,
+                         "old": {"model_id": old.model_id, **{p: {f"hr@{k}": round(m[f"{p}.hr"], 5),
+                                                                  f"ndcg@{k}": round(m[f"{p}.ndcg"], 5)}
+                                                              for p in PROTOCOLS}},
+                         "new": {"model_id": "this run", **{p: {n: round(float(new[p][n]), 5)
+                                                                for n in (f"hr@{k}", f"ndcg@{k}")} for p in PROTOCOLS}}}
+    r["delta"] = {p: {n: round(r["new"][p][n] - r["old"][p][n], 5) for n in (f"hr@{k}", f"ndcg@{k}")}
+                  for p in PROTOCOLS}
+    proto, name = HEADLINE
+    r["headline"] = f"{proto}.{name}@{k}"
+    r["worse"] = bool(r["delta"][proto][f"{name}@{k}"] < 0)
+    return r
+
+
 def markdown(r: dict[str, Any]) -> str:
     """The comparison as a small table (for the terminal and a training report)."""
     k = r["k"]
