@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import defaultdict
 
@@ -228,6 +229,7 @@ def test_rollout_without_a_gap(kafka_bootstrap, new_topic, new_group, stream_bun
     print("rollout phases:", [(p["phase"], p.get("events", p.get("lag", ""))) for p in phases])
     msgs = check_cutover(kafka_bootstrap, out, old_b, new_b, events)
     recommend_across(msgs, old_b, new_b, events, caplog)
+    follow_after_restart(kafka_bootstrap, out, new_topic(4, "recs"), new_group(), old_b, new_b, msgs)
 
 
 def check_cutover(bootstrap: str, topic: str, old_b, new_b, events) -> list:
@@ -335,6 +337,36 @@ def recommend_across(msgs, old_b, new_b, events, caplog) -> None:
         if not sc.replay or (ref[0] != m.model_id and ref[2] == m.seq):  # a cut-over's restatement
             prev[m.user_id] = (m.model_id, v, m.seq if not sc.replay else ref[2])
     print("recommend across the cut-over:", {"recommendations": len(recs), "other_model": loop.stats.other_model})
+
+
+def follow_after_restart(bootstrap: str, topic: str, recs: str, group: str, old_b, new_b, msgs) -> None:
+    """The real consumer loop commits each partition's active model with its offsets: a
+    consumer of the same group started after the control records were read still skips
+    a late vector of the old model (an old worker not yet stopped)."""
+    from clickvec.devtools.produce import produce_records
+    from clickvec.kafka import KafkaConnection
+    from clickvec.stream.consumers.loop import LoopConfig, VectorTopicLoop
+    from clickvec.stream.consumers.recommend import ItemIndex, RecommendHandler
+
+    def run_loop() -> tuple:
+        handler = RecommendHandler([ItemIndex(old_b), ItemIndex(new_b)], k=5)
+        loop = VectorTopicLoop(LoopConfig(topic, recs, group, idle_exit_s=3.0,
+                                          connection=KafkaConnection(brokers=bootstrap)), handler)
+        t = threading.Thread(target=loop.run)  # not the main thread: no signal handlers
+        t.start()
+        t.join(60)
+        return loop.stats, handler
+
+    t0 = time.monotonic()
+    first, _ = run_loop()
+    assert first.consumed == len(msgs) and first.controls == 4 and first.stopped_by == "idle", first
+    late = next(VectorMessage.from_bytes(m.value()) for m in msgs if not m.key().startswith(b"__clickvec")
+                and VectorMessage.from_bytes(m.value()).model_id == old_b.model_id)
+    assert produce_records([(late.user_id.encode(), late.to_bytes())], bootstrap, topic,
+                           extra_config={"partitioner": "murmur2_random"}) == 1
+    second, handler = run_loop()
+    assert (second.consumed, second.controls, second.other_model, handler.recommended) == (1, 0, 1, 0), second
+    print("follow after restart:", {"seconds": round(time.monotonic() - t0, 1)})
 
 
 def test_backfill_from_file(kafka_bootstrap, new_topic, new_group, stream_bundle_path, tmp_path):
