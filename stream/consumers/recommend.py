@@ -129,8 +129,12 @@ class RecommendHandler:
             index = self.indexes.get(m.model_id)
             if index is not None and len(m.vector) == index.bundle.z_dim:
                 by_model.setdefault(m.model_id, []).append(m)
-            else:
-                self.skipped_model += 1
+                continue
+            self.skipped_model += 1
+            if index is None and m.model_id not in self.missing:
+                self.missing.add(m.model_id)
+                log.warning("vectors of model %s, which no --model bundle here is for, are skipped",
+                            m.model_id[:12])
         out: list[Record] = []
         for model_id, msgs in by_model.items():
             out += self._recommend(self.indexes[model_id], msgs)
