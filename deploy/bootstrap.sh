@@ -54,8 +54,10 @@ clickvec broker fetch >&2
 # redis-server for the lookup of `clickvec run` and tests/test_lifecycle.py: fetched with
 # apt-get download (which runs apt-get update first when the package lists are empty and
 # this is root). Optional for `run` (it goes on without the lookup), needed by the tests.
-log "fetching redis-server (Debian package, cached after the first time)"
-if ! python -m clickvec.devtools.redis fetch >&2; then
+if command -v redis-server >/dev/null 2>&1; then
+  log "redis-server: $(command -v redis-server)"
+elif log "fetching redis-server (Debian package, cached after the first time)"
+  ! python -m clickvec.devtools.redis fetch >&2; then
   if [ "$MODE" = run ]; then
     log "no redis-server: clickvec run goes on without the lookup"
   else
