@@ -264,3 +264,24 @@ def test_build_stage_shows_its_log_messages_while_it_runs(tmp_path: Path, caplog
     assert "training config: {" in (tmp_path / "train.log").read_text()
     with pytest.raises(RunError, match=r"export failed \(exit 3\); log .*export.log\nbroken"):
         run_stage("export", [sys.executable, "-c", "import sys; print('broken'); sys.exit(3)"], tmp_path)
+
+
+def test_run_goes_on_without_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    """No redis-server and nothing to fetch it with: the lookup is off, said in one
+    warning line, in the view and in the summary; nothing else is started."""
+    from clickvec.run.lookup import LiveLookup
+    from clickvec.run.summary import summary_markdown
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # neither redis-server nor apt-get
+    monkeypatch.setenv("CLICKVEC_REDIS_CACHE", str(tmp_path / "cache"))
+    lookup = LiveLookup(tmp_path / "work", tmp_path / "logs")
+    with caplog.at_level("WARNING", logger="clickvec.run.lookup"):
+        assert lookup.start([], {}, "vectors", "group") is None
+    assert len(caplog.records) == 1 and "goes on without Redis" in caplog.records[0].getMessage()
+    assert lookup.summary() == {"available": False, "why": lookup.unavailable} and lookup.sample("u1") is None
+    assert f"lookup off: {lookup.unavailable}" in render_screen(Snapshot(lookup_off=lookup.unavailable),
+                                                                width=300, color=False)
+    assert "| lookup | off: redis-server is not installed" in summary_markdown({"run_id": "r",
+                                                                              "lookup": lookup.summary()})
+    lookup.stop()
