@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "rollout": ("clickvec.lifecycle.rollout", "put a new model in service beside the old one, cut over without a gap"),
     "serve-redis": ("clickvec.lifecycle.redis_sink", "keep every user's latest vector in Redis"),
     "backfill": ("clickvec.lifecycle.backfill", "rebuild every user's state offline and hand it to the worker group"),
+    "compare": ("clickvec.lifecycle.compare", "two model bundles' next-item HR@10/NDCG@10 on the same evaluation data"),
 }
 
 

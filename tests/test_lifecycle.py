@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import defaultdict
 
@@ -128,8 +129,13 @@ def serve_and_look_up(bootstrap: str, redis_url: str, topic: str, got: dict[str,
     duplicate: RedisLookup and TopicLookup give each user's last vector on the topic."""
     import redis
 
-    from clickvec.client.lookup import RedisLookup, TopicLookup
+    from clickvec.client import RedisLookup, TopicLookup
     from clickvec.devtools.produce import produce_records
+
+    # The package re-exports the lookups without importing redis-py (the `serve` extra) itself.
+    lazy = "import sys, clickvec.client as c; assert 'redis' not in sys.modules; c.TopicLookup; print(c.__all__)"
+    assert "RedisLookup" in subprocess.run([sys.executable, "-c", lazy], capture_output=True, text=True,
+                                           check=True).stdout
 
     users = sorted(got)
     gone, dup = users[0], users[1]
@@ -161,7 +167,7 @@ def serve_and_look_up(bootstrap: str, redis_url: str, topic: str, got: dict[str,
 
 
 def test_rollout_without_a_gap(kafka_bootstrap, new_topic, new_group, stream_bundle_path, second_bundle_path,
-                               tmp_path):
+                               tmp_path, caplog):
     """The old model's worker serves; events keep coming; `clickvec rollout` rebuilds
     every user under the new model, writes the cut-over and the new group's state; the
     new model's worker takes over. Followed as cutover.py documents, no user's seqs have
@@ -221,10 +227,12 @@ def test_rollout_without_a_gap(kafka_bootstrap, new_topic, new_group, stream_bun
             roll.kill()
     assert any(p["phase"] == "rebuild" and p["users_rebuilt"] > 0 for p in phases)
     print("rollout phases:", [(p["phase"], p.get("events", p.get("lag", ""))) for p in phases])
-    check_cutover(kafka_bootstrap, out, old_b, new_b, events)
+    msgs = check_cutover(kafka_bootstrap, out, old_b, new_b, events)
+    recommend_across(msgs, old_b, new_b, events, caplog)
+    follow_after_restart(kafka_bootstrap, out, new_topic(4, "recs"), new_group(), old_b, new_b, msgs)
 
 
-def check_cutover(bootstrap: str, topic: str, old_b, new_b, events) -> None:
+def check_cutover(bootstrap: str, topic: str, old_b, new_b, events) -> list:
     from confluent_kafka import Consumer, TopicPartition
 
     from clickvec.lifecycle.cutover import Cutover, ModelFollower, is_control
@@ -264,6 +272,101 @@ def check_cutover(bootstrap: str, topic: str, old_b, new_b, events) -> None:
         assert all(model == new_b.model_id for after, model, _ in taken[uid] if after), uid
         assert taken[uid][-1][1:] == (new_b.model_id, len(evs)), taken[uid][-3:]
     print("rollout:", {"users": len(by_user), "vectors": total, "max_abs_diff": worst})
+    return msgs
+
+
+def recommend_across(msgs, old_b, new_b, events, caplog) -> None:
+    """The rollout's vector topic, as consumed, through the consumer loop's decoding and
+    `clickvec recommend`'s handler given both bundles: after each partition's control
+    record only new-model vectors are scored, each with its own model's bundle; the last
+    recommendation of every user is the new model's on the user's whole history. Given
+    only the old bundle, the cut-over is one warning line and the new vectors are skipped."""
+    import logging
+
+    from clickvec.lifecycle.cutover import Cutover, ModelFollower, is_control
+    from clickvec.stream.consumers.loop import LoopConfig, VectorTopicLoop
+    from clickvec.stream.consumers.recommend import ItemIndex, RecommendHandler
+
+    both = RecommendHandler([ItemIndex(old_b), ItemIndex(new_b)], k=5)
+    loop = VectorTopicLoop(LoopConfig("in", "out", "g"), both)
+    out, _ = loop.handle(msgs)
+    recs = [json.loads(v) for _, v in out]
+    follower, decoded = ModelFollower(), []  # what the loop should hand on, as cutover.py says
+    for m in msgs:
+        if is_control(m.key()):
+            follower.control(m.partition(), Cutover.from_bytes(m.value()))
+        elif follower.takes_model(m.partition(), (v := VectorMessage.from_bytes(m.value())).model_id):
+            decoded.append(v)
+    assert sorted((r["user_id"], r["seq"], r["model_id"]) for r in recs) == sorted(
+        (m.user_id, m.seq, m.model_id) for m in decoded)
+    parts = {m.partition() for m in msgs}
+    assert loop.stats.controls == len(parts) and loop.stats.undecodable == 0, loop.stats
+    assert loop.stats.decoded + loop.stats.other_model + loop.stats.controls == len(msgs) == loop.stats.consumed
+    assert both.skipped_model == 0 and both.recommended == len(recs) == len(decoded)
+    n_events = defaultdict(int)
+    for e in events:
+        n_events[e.user_id] += 1
+    last = {r["user_id"]: r for r in recs}
+    assert {r["model_id"] for r in last.values()} == {new_b.model_id}
+    assert all(r["seq"] == n_events[u] for u, r in last.items()) and set(last) == set(n_events)
+    vecs = {(m.user_id, m.seq): m for m in decoded if m.model_id == new_b.model_id}
+    ix = both.indexes[new_b.model_id]
+    for u, r in list(last.items())[:50]:  # the new bundle's own top-k of that vector
+        row, _ = ix.topk(np.asarray([vecs[(u, r["seq"])].vector], np.float32), 5)
+        assert r["items"] == [new_b.spec.index_to_item(int(i)) for i in row[0]], u
+
+    old_only = RecommendHandler(ItemIndex(old_b), k=5)
+    loop = VectorTopicLoop(LoopConfig("in", "out", "g"), old_only)
+    with caplog.at_level(logging.WARNING, logger="clickvec.stream.consumers.recommend"):
+        loop.handle(msgs)
+    warned = [r for r in caplog.records if "no --model bundle" in r.getMessage()]
+    assert len(warned) == 1 and new_b.model_id[:12] in warned[0].getMessage(), caplog.text
+    assert old_only.skipped_model == sum(1 for m in decoded if m.model_id == new_b.model_id)
+    # The alert scorer never measures a vector's movement against another model's vector.
+    from clickvec.stream.consumers.alerts import AlertScorer
+
+    scorer, prev = AlertScorer(), {}
+    for m in decoded:
+        sc = scorer.score(m)
+        v = np.asarray(m.vector, np.float32)
+        ref = prev.get(m.user_id)
+        if not sc.replay:
+            want = 0.0 if ref is None or ref[0] != m.model_id else 1 - float(ref[1] @ v) / float(
+                np.linalg.norm(ref[1]) * np.linalg.norm(v))
+            assert sc.movement == pytest.approx(want, abs=1e-5), (m.user_id, m.seq, m.model_id)
+        if not sc.replay or (ref[0] != m.model_id and ref[2] == m.seq):  # a cut-over's restatement
+            prev[m.user_id] = (m.model_id, v, m.seq if not sc.replay else ref[2])
+    print("recommend across the cut-over:", {"recommendations": len(recs), "other_model": loop.stats.other_model})
+
+
+def follow_after_restart(bootstrap: str, topic: str, recs: str, group: str, old_b, new_b, msgs) -> None:
+    """The real consumer loop commits each partition's active model with its offsets: a
+    consumer of the same group started after the control records were read still skips
+    a late vector of the old model (an old worker not yet stopped)."""
+    from clickvec.devtools.produce import produce_records
+    from clickvec.kafka import KafkaConnection
+    from clickvec.stream.consumers.loop import LoopConfig, VectorTopicLoop
+    from clickvec.stream.consumers.recommend import ItemIndex, RecommendHandler
+
+    def run_loop() -> tuple:
+        handler = RecommendHandler([ItemIndex(old_b), ItemIndex(new_b)], k=5)
+        loop = VectorTopicLoop(LoopConfig(topic, recs, group, idle_exit_s=3.0,
+                                          connection=KafkaConnection(brokers=bootstrap)), handler)
+        t = threading.Thread(target=loop.run)  # not the main thread: no signal handlers
+        t.start()
+        t.join(60)
+        return loop.stats, handler
+
+    t0 = time.monotonic()
+    first, _ = run_loop()
+    assert first.consumed == len(msgs) and first.controls == 4 and first.stopped_by == "idle", first
+    late = next(VectorMessage.from_bytes(m.value()) for m in msgs if not m.key().startswith(b"__clickvec")
+                and VectorMessage.from_bytes(m.value()).model_id == old_b.model_id)
+    assert produce_records([(late.user_id.encode(), late.to_bytes())], bootstrap, topic,
+                           extra_config={"partitioner": "murmur2_random"}) == 1
+    second, handler = run_loop()
+    assert (second.consumed, second.controls, second.other_model, handler.recommended) == (1, 0, 1, 0), second
+    print("follow after restart:", {"seconds": round(time.monotonic() - t0, 1)})
 
 
 def test_backfill_from_file(kafka_bootstrap, new_topic, new_group, stream_bundle_path, tmp_path):
@@ -306,3 +409,79 @@ def test_backfill_from_file(kafka_bootstrap, new_topic, new_group, stream_bundle
         assert v.seq == len(evs) and v.event_ts == evs[-1].ts
         worst = max(worst, float(np.abs(np.asarray(v.vector, np.float32) - offline(bundle, evs)[-1]).max()))
     assert worst <= 1e-5, worst
+
+
+def test_redis_fetch_updates_empty_package_lists(tmp_path, monkeypatch):
+    """A fresh Debian image has no apt package lists: `apt-get download` fails with
+    "Unable to locate package". As root, clickvec.devtools.redis runs `apt-get update`
+    and downloads again; otherwise it says what to do in one line. (A stand-in apt-get
+    on PATH: this checks `_fetch`'s decision, not the Debian mirror.)"""
+    import os
+
+    from clickvec.devtools import redis as redis_dev
+
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    fake = bin_dir / "apt-get"
+    fake.write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+case "$1" in
+  update) touch {tmp_path}/lists; exit 0 ;;
+  download) [ -f {tmp_path}/lists ] && exit 0; echo "E: Unable to locate package $2" >&2; exit 100 ;;
+esac
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    if os.geteuid() == 0:
+        redis_dev._fetch(["redis-server"], tmp_path / "root")  # noqa: SLF001
+        assert calls.read_text().split("\n")[:3] == ["download redis-server", "update -qq", "download redis-server"]
+    else:
+        with pytest.raises(redis_dev.RedisError, match="run apt-get update as root once"):
+            redis_dev._fetch(["redis-server"], tmp_path / "root")  # noqa: SLF001
+        assert calls.read_text().split("\n")[:2] == ["download redis-server", ""]
+
+
+def test_compare_models_and_rollout_refuses_drift(kafka_bootstrap, new_topic, new_group, stream_bundle_path,
+                                                  second_bundle_path, tmp_path):
+    """`clickvec compare`: both bundles on the same leave-one-out cases (the training's
+    split), HR@10/NDCG@10 with ties scored as the training's evaluator does; the deltas
+    flip sign with the order. `clickvec rollout --compare-data` toward the worse model
+    refuses in one line before writing anything."""
+    from clickvec.eventfile import write_events
+    from clickvec.lifecycle.compare import compare, tie_metrics
+    from clickvec.training.evaluate import _tie_metrics
+
+    rng = np.random.default_rng(0)
+    g, t, ok = rng.integers(0, 30, 200), rng.integers(0, 5, 200), rng.random(200) > 0.1
+    ref = _tie_metrics(g, t, 10, ok)
+    for name, v in tie_metrics(g, t, 10, ok).items():
+        assert np.allclose(v, ref[name]), name
+
+    a, b = load_bundle(stream_bundle_path, providers="cpu"), load_bundle(second_bundle_path, providers="cpu")
+    data = write_events(generate_events(SynthConfig(n_users=200, seed=41, mean_events=8)), tmp_path / "eval.parquet")
+    ab, ba, aa = compare(a, b, data), compare(b, a, data), compare(a, a, data)
+    assert ab["cases"] == ba["cases"] > 100 and ab["split"] == "loo"
+    for p in ("full", "full_seen_excluded"):
+        for n in ("hr@10", "ndcg@10"):
+            assert 0 <= ab["old"][p][n] <= 1 and ab["old"][p][n] == ba["new"][p][n], (p, n)
+            assert ab["delta"][p][n] == pytest.approx(-ba["delta"][p][n], abs=2e-5) and aa["delta"][p][n] == 0
+    assert not aa["worse"] and ab["worse"] != ba["worse"], (ab["delta"], ba["delta"])
+    # The training report's form: the old bundle beside this run's test metrics, same cases.
+    from clickvec.lifecycle.compare import against_training, markdown
+
+    rep = against_training(stream_bundle_path, data, "loo", {"model": ab["new"]})
+    assert rep["cases"] == ab["cases"] and rep["old"] == ab["old"] and rep["worse"] == ab["worse"]
+    assert all(rep["delta"][p][n] == pytest.approx(ab["delta"][p][n], abs=2e-5) for p in rep["delta"]
+               for n in rep["delta"][p])
+    assert "| full_seen_excluded | NDCG@10 |" in markdown(rep)
+    better, worse = (stream_bundle_path, second_bundle_path) if ab["worse"] else (second_bundle_path,
+                                                                                stream_bundle_path)
+    src = new_topic(4, "clicks")
+    r = clickvec("rollout", "--from-model", str(better), "--to-model", str(worse), "--from-group", new_group(),
+                 "--group", f"{new_group()}-{{model}}", "--brokers", kafka_bootstrap, "--in", src,
+                 "--out", new_topic(4, "vectors"), "--providers", "cpu", "--compare-data", str(data))
+    assert r.returncode == 2, r.stdout + r.stderr[-2000:]
+    phases = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [p["phase"] for p in phases] == ["compare"] and phases[0]["worse"], phases
+    assert r.stderr.strip().splitlines()[-1].startswith("clickvec rollout: the new model is worse"), r.stderr
+    print("compare:", {"cases": ab["cases"], "delta": ab["delta"]})

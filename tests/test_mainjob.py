@@ -56,7 +56,8 @@ def test_run_publishes_and_counts_agree_then_reuses_the_model(kafka_bootstrap: s
     s, wall1, out = _run(work, kafka_bootstrap, duration=30)
     c = s["counts"]
     assert s["stopped_by"] == "duration"
-    assert s["components"] == {"stream": "stopped", "alerts": "stopped", "recommend": "stopped"}, out[-4000:]
+    assert s["components"] == {"stream": "stopped", "alerts": "stopped", "recommend": "stopped",
+                               "serve-redis": "stopped"}, out[-4000:]
     assert c["events_produced"] > 5000 and c["produce_failures"] == 0
     assert c["vectors_published"] == c["events_produced"]  # one vector per valid event
     assert c["malformed_produced"] > 0 and c["dead_letters"] == c["malformed_produced"]
@@ -75,6 +76,13 @@ def test_run_publishes_and_counts_agree_then_reuses_the_model(kafka_bootstrap: s
     model_id = s["model"]["model_id"]
     assert {VectorMessage.from_bytes(m.value()).model_id for m in vectors[:2000]} == {model_id}
     assert s["vector_model_ids"] == [model_id]
+    # The lookup: serve-redis kept the latest vectors in the run's redis-server, and the
+    # view looked one user up per refresh.
+    lk = s["lookup"]
+    assert lk["available"] and lk["found"] > 10 and lk["last"]["model_id"] == model_id, lk
+    assert 0 < lk["latency_ms"]["p50"] <= lk["latency_ms"]["p99"] < 5000 and lk["redis"].startswith("redis://"), lk
+    assert s["serve-redis_summary"]["redis"]["written"] > 0, s.get("serve-redis_summary")
+    assert "| lookup RedisLookup.get(user)" in (work / "run_summary.md").read_text()
     for kind in ("dlq", "alerts", "recs"):
         assert len(consume_all(kafka_bootstrap, t[kind], expected[kind], timeout=30)) == expected[kind], kind
 
@@ -105,11 +113,15 @@ def test_dashboard_renders_a_frame_and_a_line() -> None:
                     dead_letters={"not_json": 2}, latency_now=[3.0, 9.0, 12.5],
                     top_surprise=[("u00012", 7.5, 31, "card_testing")],
                     watched=[("u00001", 4, [0.1, -0.2, 0.3], 1.5)], alerts=1,
-                    latest_alerts=["user_id=u00012 score=4.2"], components={"stream": "running"})
+                    latest_alerts=["user_id=u00012 score=4.2"], components={"stream": "running"},
+                    lookup=("u00001", 4, "abc" * 10, 0.42))
     frame = render_screen(snap, width=120, color=False)
-    for text in ("u00012", "card_testing", "dead letters 2", "p99   12.5ms", "alerts 1", "stream running"):
+    for text in ("u00012", "card_testing", "dead letters 2", "p99   12.5ms", "alerts 1", "stream running",
+                 "RedisLookup.get('u00001') → seq 4  model abcabcabcabc  0.42 ms"):
         assert text in frame, text
-    assert "vectors 90" in render_line(snap)
+    assert "vectors 90" in render_line(snap) and "lookup u00001#4 0.42ms" in render_line(snap)
+    off = render_screen(Snapshot(lookup_off="apt-get download redis-server failed"), width=120, color=False)
+    assert "lookup off: apt-get download redis-server failed" in off
 
 
 # ------------------------------------------------------------ figures and labels
@@ -252,3 +264,24 @@ def test_build_stage_shows_its_log_messages_while_it_runs(tmp_path: Path, caplog
     assert "training config: {" in (tmp_path / "train.log").read_text()
     with pytest.raises(RunError, match=r"export failed \(exit 3\); log .*export.log\nbroken"):
         run_stage("export", [sys.executable, "-c", "import sys; print('broken'); sys.exit(3)"], tmp_path)
+
+
+def test_run_goes_on_without_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    """No redis-server and nothing to fetch it with: the lookup is off, said in one
+    warning line, in the view and in the summary; nothing else is started."""
+    from clickvec.run.lookup import LiveLookup
+    from clickvec.run.summary import summary_markdown
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # neither redis-server nor apt-get
+    monkeypatch.setenv("CLICKVEC_REDIS_CACHE", str(tmp_path / "cache"))
+    lookup = LiveLookup(tmp_path / "work", tmp_path / "logs")
+    with caplog.at_level("WARNING", logger="clickvec.run.lookup"):
+        assert lookup.start([], {}, "vectors", "group") is None
+    assert len(caplog.records) == 1 and "goes on without Redis" in caplog.records[0].getMessage()
+    assert lookup.summary() == {"available": False, "why": lookup.unavailable} and lookup.sample("u1") is None
+    assert f"lookup off: {lookup.unavailable}" in render_screen(Snapshot(lookup_off=lookup.unavailable),
+                                                                width=300, color=False)
+    assert "| lookup | off: redis-server is not installed" in summary_markdown({"run_id": "r",
+                                                                              "lookup": lookup.summary()})
+    lookup.stop()

@@ -40,7 +40,10 @@ class RedisLookup:
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = DEFAULT_PREFIX,
                  client: Any = None) -> None:
-        import redis
+        try:
+            import redis
+        except ImportError:
+            raise ImportError("RedisLookup needs redis-py: pip install 'clickvec[serve]'") from None
 
         self.client = client if client is not None else redis.Redis.from_url(url)
         self.prefix = prefix

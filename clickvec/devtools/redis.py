@@ -73,11 +73,28 @@ def _missing_libraries(binary: Path, root: Path) -> list[str]:
     return [line.split()[0] for line in out.stdout.splitlines() if "not found" in line]
 
 
+def _apt_update() -> bool:
+    """`apt-get update` when this is root (a fresh Debian image ships without package
+    lists, and stale ones name .debs the mirror no longer has); whether it ran and worked."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return False
+    log.info("apt-get download failed: running apt-get update (root) and trying again")
+    r = subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+    if r.returncode != 0:
+        log.warning("apt-get update failed: %s", r.stderr.strip().splitlines()[-1:])
+    return r.returncode == 0
+
+
 def _fetch(packages: list[str], root: Path) -> None:
     """apt-get download the packages into `root/debs` and unpack them into `root`."""
     debs = root / "debs"
     debs.mkdir(parents=True, exist_ok=True)
+    if shutil.which("apt-get") is None:
+        raise RedisError("redis-server is not installed and there is no apt-get to fetch it with: "
+                         "install redis-server (any Redis >= 6) and put it on PATH")
     r = subprocess.run(["apt-get", "download", *packages], cwd=debs, capture_output=True, text=True)
+    if r.returncode != 0 and _apt_update():
+        r = subprocess.run(["apt-get", "download", *packages], cwd=debs, capture_output=True, text=True)
     if r.returncode != 0:
         hint = " (the package lists are empty: run apt-get update as root once)" \
             if "Unable to locate package" in r.stderr else ""

@@ -77,9 +77,14 @@ class ModelFollower:
     def control(self, partition: int, cut: Cutover) -> None:
         self.active[partition] = cut.model_id
 
-    def accept(self, partition: int, msg: VectorMessage) -> bool:
+    def takes_model(self, partition: int, model_id: str) -> bool:
+        """Whether a vector of `model_id` on `partition` is of the active model (any model
+        before the partition's first control record)."""
         want = self.active.get(partition)
-        if want is not None and msg.model_id != want:
+        return want is None or model_id == want
+
+    def accept(self, partition: int, msg: VectorMessage) -> bool:
+        if not self.takes_model(partition, msg.model_id):
             return False
         last = self.last.get(msg.user_id)
         if last is not None and last[0] == msg.model_id and msg.seq <= last[1]:

@@ -145,6 +145,7 @@ class RedisSinkLoop(VectorTopicLoop):
     def __init__(self, cfg: LoopConfig, sink: RedisLatest) -> None:
         super().__init__(cfg, lambda _msgs: [])
         self.sink = sink
+        self.follower = sink.follower  # one view of the active models: Redis's and the commits'
 
     def _decode(self, msgs: list[Any]) -> tuple[list[VectorMessage], dict[tuple[str, int], int]]:
         items: list[tuple[int, bytes | None, VectorMessage | Cutover | None]] = []

@@ -4,6 +4,11 @@ without a gap in any user's vectors.
   clickvec rollout --from-model models/OLD --to-model models/NEW --from-group clickvec-stream \\
       --group 'clickvec-stream-{model}' --brokers HOST:PORT --in clicks --out user-vectors
 
+With `--compare-data FILE` it first compares the two models on the same evaluation data
+(clickvec/lifecycle/compare.py: next-item HR@10 / NDCG@10 of both, and the deltas) and
+refuses, before anything is written, when the new model is worse on NDCG@10, unless
+`--accept-drift`.
+
 The new model's workers form their own consumer group, with their own state changelog
 (`--group` with "{model}": named by the model id). The rollout, while the old workers keep
 serving:
@@ -21,8 +26,8 @@ serving:
 5. says to start the new workers (`clickvec stream --model NEW --group GROUP`) and to stop
    the old ones, and reports the new group's lag until it is caught up.
 
-Progress goes to stdout as one JSON object per line (`phase`: rebuild, wait_old, cutover,
-start_new, lag, done).
+Progress goes to stdout as one JSON object per line (`phase`: compare, rebuild, wait_old,
+cutover, start_new, lag, done).
 """
 
 from __future__ import annotations
@@ -170,8 +175,29 @@ def report_lag(cfg: Any, cut: dict[int, int], timeout: float, caught_up: int) ->
         time.sleep(2.0)
 
 
+def check_drift(args: argparse.Namespace, bundle: Any) -> None:
+    """--compare-data: the comparison (the `compare` phase: both models' figures and the
+    deltas); a RolloutError when the new model is worse and --accept-drift is not given."""
+    from clickvec.bundle.reader import load_bundle
+    from clickvec.lifecycle.compare import compare
+
+    old = load_bundle(args.from_model, providers="cpu", warmup=False)
+    r = compare(old, bundle, args.compare_data)
+    say("compare", **{k: r[k] for k in ("cases", "headline", "worse", "delta")},
+        old=r["old"], new=r["new"])
+    if r["worse"] and not args.accept_drift:
+        p = r["headline"].split(".")[0]
+        n = r["headline"].split(".")[1]
+        raise RolloutError(f"the new model is worse than the old one on {r['headline']} "
+                           f"({r['new'][p][n]:.4f} vs {r['old'][p][n]:.4f} on {r['cases']} cases of "
+                           f"{args.compare_data}): nothing written; --accept-drift to roll it out anyway")
+
+
 def rollout(cfg: Any, bundle: Any, old_model_id: str, old_group: str, args: argparse.Namespace) -> int:
     from clickvec.stream.worker.probe import cluster_metadata
+
+    if args.compare_data:
+        check_drift(args, bundle)
 
     md = cluster_metadata(cfg)
     topic = md.topics.get(cfg.in_topic)
@@ -219,6 +245,11 @@ def main(argv: list[str]) -> int:
                    help="seconds to wait for the old group to reach the cut-over offsets")
     p.add_argument("--lag-timeout", type=float, default=600.0,
                    help="seconds to report the new group's lag until it is caught up (0: do not wait)")
+    p.add_argument("--compare-data", default=None,
+                   help="event file: compare both models on it first (clickvec compare) and refuse if the new one "
+                        "is worse on NDCG@10")
+    p.add_argument("--accept-drift", action="store_true",
+                   help="with --compare-data: roll out even if the new model is worse")
     argv = ["--model" if a == "--to-model" else a for a in argv]
     args = p.parse_args(argv)
     try:

@@ -20,6 +20,7 @@ from clickvec.devtools.proc import free_port
 from clickvec.run.build import Build, build, training_warnings
 from clickvec.run.children import Component, stop_all, wait_group_members, wait_worker_ready
 from clickvec.run.config import TOPICS, RunConfig, RunError
+from clickvec.run.lookup import LiveLookup
 from clickvec.run.measure import Meter, waiting_for_vectors
 from clickvec.run.observer import Observer
 from clickvec.run.summary import figures, write_summary
@@ -72,6 +73,7 @@ class Job:
         self.t_stream = 0.0
         self.t_stream_end = 0.0
         self.drained = False  # whether the drain waited (False: nothing was pending)
+        self.lookup = LiveLookup(self.work, self.logs)
 
     # -- signals
     def request_stop(self, reason: str) -> None:
@@ -186,12 +188,16 @@ class Job:
                 name, *kafka_args, "--in", t["out"], *args, "--group", group,
                 "--summary", str(self.work / f"{name}_summary.json")], self.logs / f"{name}.log", env).start()
             groups.append(group)
+        group = f"clickvec-run-serve-redis-{self.run_id}"
+        if (serve := self.lookup.start(kafka_args, env, t["out"], group)) is not None:
+            self.children["serve-redis"] = serve
+            groups.append(group)
         self.observer = Observer(self.conf, {k: t[k] for k in ("out", "dlq", "alerts", "recs")},
                                  f"clickvec-run-view-{self.run_id}", t["in"])
         self.observer.start()
         log.info("waiting for the stream worker (log %s)", self.logs / "stream.log")
         wait_worker_ready(self.children["stream"], self.meter.worker_port)
-        wait_group_members(self.conf, groups, [self.children["alerts"], self.children["recommend"]])
+        wait_group_members(self.conf, groups, [c for n, c in self.children.items() if n != "stream"])
         for c in self.children.values():
             c.check()
         self.producer = LiveProducer(self.conf, t["in"], b.events, cfg.rate, cfg.malformed_every)
@@ -265,7 +271,9 @@ class Job:
 
     def _shutdown(self) -> None:
         t0 = time.monotonic()
-        stop_all([c for n in ("recommend", "alerts", "stream") if (c := self.children.get(n)) is not None])
+        stop_all([c for n in ("serve-redis", "recommend", "alerts", "stream")
+                  if (c := self.children.get(n)) is not None])
+        self.lookup.stop()
         if self.children:
             log.info("pipeline stopped in %.1f s", time.monotonic() - t0)
         if self.observer is not None and self.observer.is_alive():
@@ -305,6 +313,8 @@ class Job:
             s.latest_alerts = list(obs.latest_alerts)
             s.latest_recommendation = obs.latest_rec
             self._users(s, obs, b.labels)
+        s.lookup = self.lookup.sample(self.watched[0] if self.watched else None)
+        s.lookup_off = self.lookup.unavailable
         s.components = {name: c.check() if c.status == "running" else c.status
                         for name, c in self.children.items()}
         return s

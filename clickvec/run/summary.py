@@ -32,10 +32,11 @@ def figures(job: Job) -> dict[str, Any]:
                         "logs": str(job.logs), "summary_json": str(job.work / "run_summary.json"),
                         "summary_md": str(job.work / "run_summary.md")}
     out["components"] = {n: c.status for n, c in job.children.items()}
+    out["lookup"] = job.lookup.summary()
     if job.producer is None or job.observer is None:
         return out
     out.update(_stream_figures(job))
-    for name in ("alerts", "recommend"):
+    for name in ("alerts", "recommend", "serve-redis"):
         p = job.work / f"{name}_summary.json"
         with contextlib.suppress(OSError, ValueError):
             if p.stat().st_mtime >= time.time() - (time.monotonic() - job.t_stream):
@@ -140,6 +141,13 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"| latency produce → vector emitted, whole run | p50 {emit.get('p50')} ms, p95 {emit.get('p95')} ms, "
         f"p99 {emit.get('p99')} ms |",
     ]
+    lk = s.get("lookup", {})
+    if lk.get("available"):
+        lat_l = lk.get("latency_ms", {})
+        lines.append(f"| lookup RedisLookup.get(user), once a second | p50 {lat_l.get('p50')} ms, p99 "
+                     f"{lat_l.get('p99')} ms (n={lk.get('lookups')}, found {lk.get('found')}) |")
+    elif lk:
+        lines.append(f"| lookup | off: {lk.get('why')} |")
     a = s.get("alerts_vs_planted_anomalies")
     if a:
         lines.append(f"| alerts vs planted anomalies | recall {_pct(a.get('recall'))} "

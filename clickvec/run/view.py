@@ -99,6 +99,8 @@ class Snapshot:
     components: dict[str, str] = field(default_factory=dict)
     workdir: str = ""
     warnings: list[str] = field(default_factory=list)  # about the model, shown in plain words
+    lookup: tuple[str, int, str, float] | None = None  # RedisLookup.get: user, seq, model id, ms
+    lookup_off: str = ""  # why the run has no lookup
 
 
 def _ms(v: float | None) -> str:
@@ -150,9 +152,20 @@ def render_screen(s: Snapshot, width: int | None = None, color: bool = True) -> 
         lines.append(f"  {yel}!{rst} {a}")
     if s.latest_recommendation:
         lines.append(f"  {d}latest rec:{rst} {s.latest_recommendation}")
+    lines += ["", _lookup_line(s, b, d, rst)]
     comp = "   ".join(f"{k} {v}" for k, v in s.components.items())
     lines += ["", f"{d}{comp}{rst}", f"{d}workdir {s.workdir} (logs, run_summary.json){rst}"]
     return "\n".join(_clip(line, width + (len(line) - len(_strip(line)))) for line in lines)
+
+
+def _lookup_line(s: Snapshot, b: str = "", d: str = "", rst: str = "") -> str:
+    if s.lookup_off:
+        return f"{b}lookup{rst} {d}off: {s.lookup_off}{rst}"
+    if s.lookup is None:
+        return f"{b}lookup{rst} {d}(waiting for a user in Redis){rst}"
+    user, seq, model_id, ms = s.lookup
+    return (f"{b}lookup{rst} RedisLookup.get({user!r}) → seq {seq}  model {model_id[:12]}  "
+            f"{ms:.2f} ms {d}(serve-redis keeps each user's latest vector){rst}")
 
 
 def _time_left(s: Snapshot) -> str:
@@ -184,6 +197,7 @@ def render_line(s: Snapshot) -> str:
         f"waiting {_count(s.waiting)} latency (last 10 s) p50 {_ms(p50).strip()} p95 {_ms(p95).strip()} "
         f"p99 {_ms(p99).strip()}"
         + (f" top {top[0]}={top[1]:.2f}" if top else "")
+        + (f" lookup {s.lookup[0]}#{s.lookup[1]} {s.lookup[3]:.2f}ms" if s.lookup else "")
     )
 
 

@@ -105,6 +105,7 @@ class UserAlertState:
     e_movement: float = 0.0
     e_rate: float = 0.0
     last_vector: np.ndarray | None = None
+    last_model: str = ""  # the model of last_vector: vectors of two models are not compared
     times: deque[int] = field(default_factory=deque)
     last_alert_ts: int | None = None
 
@@ -169,6 +170,10 @@ class AlertScorer:
         if len(self.users) > cfg.max_users:
             del self.users[next(iter(self.users))]
         if st.n > 0 and m.seq <= st.last_seq:
+            if m.seq == st.last_seq and m.model_id != st.last_model:
+                # A rollout's first vector of the new model restates the last event
+                # (clickvec/lifecycle/cutover.py): the reference for the next movement.
+                st.last_vector, st.last_model = np.asarray(m.vector, dtype=np.float32), m.model_id
             self.replays += 1
             return Scored(m.user_id, m.seq, m.event_ts, 0.0, float(m.surprise), 0.0, len(st.times),
                           {"surprise": 0.0, "own": 0.0, "movement": 0.0, "rate": 0.0}, False, m.source, m.model_id,
@@ -176,10 +181,10 @@ class AlertScorer:
         st.last_seq = m.seq
         v = np.asarray(m.vector, dtype=np.float32)
         movement = 0.0
-        if st.last_vector is not None and st.last_vector.shape == v.shape:
+        if st.last_vector is not None and st.last_vector.shape == v.shape and st.last_model == m.model_id:
             den = float(np.linalg.norm(st.last_vector) * np.linalg.norm(v))
             movement = 1.0 - float(st.last_vector @ v) / den if den > 0 else 0.0
-        st.last_vector = v
+        st.last_vector, st.last_model = v, m.model_id
         st.times.append(m.event_ts)
         while st.times and st.times[0] <= m.event_ts - cfg.rate_window_ms:
             st.times.popleft()

@@ -10,6 +10,13 @@ A tombstone on the vector topic (key = user id, null value: the user was forgott
 its state expired, stream/worker/engine.py) goes to the handler's `forget(user_id)`, in
 order with the vectors around it.
 
+Cut-over control records (clickvec/lifecycle/cutover.py) are followed with a
+`ModelFollower`: after one, a partition's vectors of any other model are skipped
+(`other_model` in the stats) and the handler's `cutover(cut)` is told, if it has one. The
+active model per partition is committed with the offsets (the commit's metadata), so a
+consumer that gets the partition after a restart or rebalance, past the control record,
+follows it too. Duplicates (same user and seq) are left to the handler.
+
 Imports neither torch nor `training`.
 """
 
@@ -31,6 +38,7 @@ from clickvec.contract.messages import VectorMessage
 from clickvec.contract.topics import DEFAULT_OUT_TOPIC
 from clickvec.errors import ClickvecError
 from clickvec.kafka import KafkaConnection, add_kafka_arguments, produce_waiting
+from clickvec.lifecycle.cutover import Cutover, ModelFollower, is_control
 from clickvec.preflight import cluster_metadata, held_logs, require_topic, topic_partitions
 
 log = logging.getLogger(__name__)
@@ -77,6 +85,8 @@ class LoopStats:
     consumed: int = 0
     decoded: int = 0
     undecodable: int = 0
+    controls: int = 0  # cut-over control records read
+    other_model: int = 0  # vectors skipped: not of the partition's active model
     published: int = 0
     batches: int = 0
     commits: int = 0
@@ -169,6 +179,7 @@ class VectorTopicLoop:
         self._stop = threading.Event()
         self._stop_reason = ""
         self._delivery_errors: list[str] = []
+        self.follower = ModelFollower()
 
     def stop(self, reason: str = "stop()") -> None:
         self._stop_reason = self._stop_reason or reason
@@ -192,7 +203,7 @@ class VectorTopicLoop:
             "enable.partition.eof": False,
         }))
         producer = Producer(cfg.connection.client_config(**{"linger.ms": 5, "enable.idempotence": True}))
-        consumer.subscribe([cfg.in_topic])
+        consumer.subscribe([cfg.in_topic], on_assign=self._restore_active)
         log.info("consuming %s as group %s -> %s", cfg.in_topic, cfg.group, cfg.out_topic)
         t0 = last_input = time.monotonic()
         try:
@@ -203,9 +214,7 @@ class VectorTopicLoop:
                 if not msgs:
                     continue
                 last_input = time.monotonic()
-                decoded, ends = self._decode(msgs)
-                self.stats.decoded += len(decoded)
-                out = self.dispatch(decoded)
+                out, ends = self.handle(msgs)
                 self._publish(producer, out)
                 self.stats.batches += 1
                 if ends:
@@ -217,6 +226,13 @@ class VectorTopicLoop:
             consumer.close()  # leaves the group: partitions move at once
             log.info("consumer stopped (%s): %s", self.stats.stopped_by, asdict(self.stats))
         return self.stats
+
+    def handle(self, msgs: list[Any]) -> tuple[list[Record], dict[tuple[str, int], int]]:
+        """One consumed batch: the records to publish, and the offset to commit per
+        (topic, partition) once they are."""
+        decoded, ends = self._decode(msgs)
+        self.stats.decoded += len(decoded)
+        return self.dispatch(decoded), ends
 
     def dispatch(self, items: list[VectorMessage | Tombstone]) -> list[Record]:
         """The handler on each run of vectors, `handler.forget` on each tombstone, in order."""
@@ -266,12 +282,41 @@ class VectorTopicLoop:
                 decoded.append(Tombstone(m.key().decode("utf-8", "replace")))
                 continue
             try:
-                decoded.append(VectorMessage.from_bytes(m.value()))
+                if is_control(m.key()):
+                    self.stats.controls += 1
+                    self._cutover(m.partition(), Cutover.from_bytes(m.value()))
+                    continue
+                msg = VectorMessage.from_bytes(m.value())
             except (ValueError, TypeError, KeyError) as e:
                 self.stats.undecodable += 1
                 log.warning("skipping undecodable vector message %s[%d] offset=%d: %s",
                             m.topic(), m.partition(), m.offset(), e)
+                continue
+            if self.follower.takes_model(m.partition(), msg.model_id):
+                decoded.append(msg)
+            else:
+                self.stats.other_model += 1
         return decoded, ends
+
+    def _cutover(self, partition: int, cut: Cutover) -> None:
+        new = self.follower.active.get(partition) != cut.model_id
+        self.follower.control(partition, cut)
+        note = getattr(self.handler, "cutover", None)
+        if new and note is not None:
+            note(cut)
+        if new:
+            log.info("vector-topic partition %d cut over to model %s (from %s)", partition, cut.model_id[:12],
+                     cut.from_model_id[:12] or "?")
+
+    def _restore_active(self, consumer: Any, partitions: list[Any]) -> None:
+        """On assignment: the active model of each partition, from the committed offsets'
+        metadata (a control record before the committed offset is not read again)."""
+        try:
+            for tp in consumer.committed(partitions, timeout=10):
+                if tp.error is None and tp.metadata:
+                    self._cutover(tp.partition, Cutover(tp.metadata))
+        except Exception as e:  # noqa: BLE001 - the control records still read later apply
+            log.warning("could not read the committed offsets' metadata (active model): %s", e)
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None and len(self._delivery_errors) < 10:
@@ -295,7 +340,9 @@ class VectorTopicLoop:
         from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
         try:
-            offsets = [TopicPartition(t, p, o) for (t, p), o in ends.items()]
+            active = self.follower.active
+            offsets = [TopicPartition(t, p, o, metadata=active[p]) if p in active else TopicPartition(t, p, o)
+                       for (t, p), o in ends.items()]
             consumer.commit(offsets=offsets, asynchronous=False)
             self.stats.commits += 1
         except KafkaException as e:

@@ -10,6 +10,12 @@ Catalogues above `--ann-threshold` items use an approximate inner-product index
 (faiss HNSW over [query, 1] . [embedding, bias]) when faiss is installed, else exact
 search. `--eval-events FILE` reports the hit rate on each user's next event.
 
+Across a model rollout (clickvec/lifecycle/cutover.py) give both bundles, `--model OLD
+--model NEW`: each vector is scored with the bundle of its model id, and after the
+cut-over control record only the new model's vectors are taken (the loop follows it).
+Vectors of a model without a bundle are skipped and counted; a cut-over to such a model
+is said in one warning line.
+
 A tombstone on the vector topic (the user forgotten, or expired from the worker's state)
 is passed on: a tombstone (key = user id, null value) on the recommendation topic, so a
 reader keeping the latest recommendation per user drops the user's too.
@@ -95,12 +101,15 @@ def next_items(path: str | Path) -> dict[str, list[str]]:
 
 
 class RecommendHandler:
-    def __init__(self, index: ItemIndex, k: int, eval_items: dict[str, list[str]] | None = None) -> None:
-        self.index = index
+    """Top-k per vector with the index of the vector's model (one per bundle given)."""
+
+    def __init__(self, indexes: ItemIndex | Sequence[ItemIndex], k: int,
+                 eval_items: dict[str, list[str]] | None = None) -> None:
+        indexes = [indexes] if isinstance(indexes, ItemIndex) else list(indexes)
+        self.indexes = {ix.bundle.model_id: ix for ix in indexes}
         self.k = k
-        self.model_id = index.bundle.model_id
-        self.spec = index.bundle.spec
         self.eval_items = eval_items
+        self.missing: set[str] = set()  # model ids seen without a bundle (warned once each)
         self.recommended = 0
         self.skipped_model = 0
         self.eval_cases = 0
@@ -108,16 +117,39 @@ class RecommendHandler:
         self.random_hits = 0.0  # expected hits of k random catalogue items
         self.forgotten = 0  # vector-topic tombstones passed on
 
+    def cutover(self, cut: Any) -> None:
+        """A cut-over control record (from the loop): say so once if there is no bundle
+        for the new model."""
+        if cut.model_id not in self.indexes and cut.model_id not in self.missing:
+            self.missing.add(cut.model_id)
+            log.warning("cut-over to model %s, which no --model bundle here is for: its vectors are skipped "
+                        "(restart with --model NEW_BUNDLE)", cut.model_id[:12])
+
     def __call__(self, batch: Sequence[VectorMessage]) -> list[Record]:
-        msgs = [m for m in batch if m.model_id == self.model_id and len(m.vector) == self.index.bundle.z_dim]
-        self.skipped_model += len(batch) - len(msgs)
-        if not msgs:
-            return []
+        by_model: dict[str, list[VectorMessage]] = {}
+        for m in batch:
+            index = self.indexes.get(m.model_id)
+            if index is not None and len(m.vector) == index.bundle.z_dim:
+                by_model.setdefault(m.model_id, []).append(m)
+                continue
+            self.skipped_model += 1
+            if index is None and m.model_id not in self.missing:
+                self.missing.add(m.model_id)
+                log.warning("vectors of model %s, which no --model bundle here is for, are skipped",
+                            m.model_id[:12])
+        out: list[Record] = []
+        for model_id, msgs in by_model.items():
+            out += self._recommend(self.indexes[model_id], msgs)
+        self.recommended += len(out)
+        return out
+
+    def _recommend(self, index: ItemIndex, msgs: list[VectorMessage]) -> list[Record]:
         z = np.asarray([m.vector for m in msgs], np.float32)  # (B, D)
-        idx, scores = self.index.topk(z, self.k)
+        idx, scores = index.topk(z, self.k)
+        spec = index.bundle.spec
         out: list[Record] = []
         for m, row, sc in zip(msgs, idx, scores, strict=True):
-            items = [self.spec.index_to_item(int(i)) for i in row]
+            items = [spec.index_to_item(int(i)) for i in row]
             rec = {"user_id": m.user_id, "seq": m.seq, "model_id": m.model_id,
                    "items": items, "scores": [round(float(s), 5) for s in sc]}
             out.append((m.user_id.encode(), json.dumps(rec, separators=(",", ":")).encode()))
@@ -126,8 +158,7 @@ class RecommendHandler:
                 if m.seq < len(seq):  # the user's (seq+1)-th event is held back
                     self.eval_cases += 1
                     self.hits += seq[m.seq] in items
-                    self.random_hits += len(items) / self.index.n_items
-        self.recommended += len(out)
+                    self.random_hits += len(items) / index.n_items
         return out
 
     def forget(self, user_id: str) -> list[Record]:
@@ -147,7 +178,8 @@ class RecommendHandler:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="clickvec recommend", description=__doc__.split("\n\n")[0])
     add_loop_arguments(p, "recommendations", "clickvec-recommend")
-    p.add_argument("--model", required=True, type=Path, help="model bundle directory")
+    p.add_argument("--model", required=True, type=Path, action="append",
+                   help="model bundle directory; repeat for each model on the topic (across a rollout)")
     p.add_argument("--k", type=int, default=10, help="items per recommendation (default %(default)s)")
     p.add_argument("--ann-threshold", type=int, default=100_000,
                    help="approximate index above this many items (default %(default)s)")
@@ -165,16 +197,16 @@ def main(argv: list[str]) -> int:
 
         if args.eval_events is not None and not args.eval_events.is_file():
             raise ClickvecError(f"the events file {str(args.eval_events)!r} (--eval-events) does not exist")
-        return load_bundle(args.model, providers="cpu", warmup=False, trust=args.trust)
+        return [load_bundle(path, providers="cpu", warmup=False, trust=args.trust) for path in args.model]
 
-    started = start_checks("clickvec recommend", args, load)  # the bundle before any connection
+    started = start_checks("clickvec recommend", args, load)  # the bundles before any connection
     if isinstance(started, int):
         return started
-    loop, bundle = started
-    index = ItemIndex(bundle, args.ann_threshold)
-    handler = RecommendHandler(index, args.k, next_items(args.eval_events) if args.eval_events else None)
-    log.info("recommend config: %s k=%d index=%s model_id=%s", loop.describe(), args.k, index.kind,
-             bundle.model_id[:12])
+    loop, bundles = started
+    indexes = [ItemIndex(bundle, args.ann_threshold) for bundle in bundles]
+    handler = RecommendHandler(indexes, args.k, next_items(args.eval_events) if args.eval_events else None)
+    log.info("recommend config: %s k=%d index=%s model_ids=%s", loop.describe(), args.k, indexes[0].kind,
+             [b.model_id[:12] for b in bundles])
 
     def results() -> dict[str, Any]:
         out: dict[str, Any] = {"recommended": handler.recommended,
@@ -183,7 +215,8 @@ def main(argv: list[str]) -> int:
             out["evaluation"] = handler.evaluation()
         return out
 
-    config = {**loop.describe(), "k": args.k, "index": index.kind, "model": str(args.model)}
+    config = {**loop.describe(), "k": args.k, "index": indexes[0].kind,
+              "model": str(args.model[0]) if len(args.model) == 1 else [str(m) for m in args.model]}
     return run_command("clickvec recommend", loop, handler, args.summary, config, results)
 
 
