@@ -37,7 +37,6 @@ from clickvec.contract.messages import VectorMessage
 from clickvec.errors import ClickvecError
 from clickvec.lifecycle.cutover import Cutover, ModelFollower, is_control
 from clickvec.stream.consumers.loop import (
-    ConsumerError,
     LoopConfig,
     VectorTopicLoop,
     add_loop_arguments,
@@ -150,15 +149,7 @@ class RedisSinkLoop(VectorTopicLoop):
     def _decode(self, msgs: list[Any]) -> tuple[list[VectorMessage], dict[tuple[str, int], int]]:
         items: list[tuple[int, bytes | None, VectorMessage | Cutover | None]] = []
         ends: dict[tuple[str, int], int] = {}
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.fatal():
-                    raise ConsumerError(f"fatal consumer error: {err}")
-                log.warning("consumer error: %s", err)
-                continue
-            self.stats.consumed += 1
-            ends[(m.topic(), m.partition())] = m.offset() + 1
+        for m in self._readable(msgs, ends):
             try:
                 if m.value() is None:
                     items.append((m.partition(), m.key(), None))

@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -269,15 +269,7 @@ class VectorTopicLoop:
         (topic, partition)."""
         decoded: list[VectorMessage | Tombstone] = []
         ends: dict[tuple[str, int], int] = {}
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.fatal():
-                    raise ConsumerError(f"fatal consumer error: {err}")
-                log.warning("consumer error: %s", err)
-                continue
-            self.stats.consumed += 1
-            ends[(m.topic(), m.partition())] = m.offset() + 1
+        for m in self._readable(msgs, ends):
             if m.value() is None and m.key():
                 decoded.append(Tombstone(m.key().decode("utf-8", "replace")))
                 continue
@@ -297,6 +289,20 @@ class VectorTopicLoop:
             else:
                 self.stats.other_model += 1
         return decoded, ends
+
+    def _readable(self, msgs: list[Any], ends: dict[tuple[str, int], int]) -> Iterator[Any]:
+        """The messages without a consumer error (a fatal one raises), counted, with the
+        offset to commit per (topic, partition) recorded in `ends`."""
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.fatal():
+                    raise ConsumerError(f"fatal consumer error: {err}")
+                log.warning("consumer error: %s", err)
+                continue
+            self.stats.consumed += 1
+            ends[(m.topic(), m.partition())] = m.offset() + 1
+            yield m
 
     def _cutover(self, partition: int, cut: Cutover) -> None:
         new = self.follower.active.get(partition) != cut.model_id
