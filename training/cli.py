@@ -94,11 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bars; default: bars on")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the run directory's last.pt; default: off")
+    p.add_argument("--compare-with", default=None, metavar="BUNDLE",
+                   help="the model bundle in service: compare it with this run on the same test cases "
+                        "(compare.json in the run directory; clickvec compare); default: none")
     return p
 
 
 def resolve(argv: list[str]) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
+    args.pop("compare_with")
     base: dict = {}
     cfg_file = args.pop("config")
     if cfg_file:
@@ -138,8 +142,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clickvec train: {e}", file=sys.stderr)
         return 1
     if result:
-        print(json.dumps(summary(result, cfg.out), indent=2))
+        out = summary(result, cfg.out)
+        compare_with = build_parser().parse_args(argv).compare_with
+        if compare_with:
+            out["compare"] = compare_run(compare_with, cfg, result)
+        print(json.dumps(out, indent=2))
     return 0
+
+
+def compare_run(old_bundle: str, cfg: TrainConfig, result: dict[str, Any]) -> dict[str, Any]:
+    """The bundle in service against this run on the run's own test cases (drift across a
+    rollout is visible before it), saved beside the run's metrics."""
+    from pathlib import Path
+
+    from clickvec.lifecycle.compare import against_training, markdown
+
+    cmp = against_training(old_bundle, cfg.data, cfg.split, result["test"], k=10)
+    Path(cfg.out, "compare.json").write_text(json.dumps(cmp, indent=2))
+    Path(cfg.out, "compare.md").write_text("# Compared with the model in service\n\n" + markdown(cmp) + "\n")
+    return {"headline": cmp["headline"], "delta": cmp["delta"], "worse": cmp["worse"]}
 
 
 if __name__ == "__main__":
