@@ -98,7 +98,7 @@ def test_model_build_feeds_the_workers_and_recommend() -> None:
     assert models_vol == "models:/models" and bundle == "/models/default"
     assert "/models/default/manifest.json" in script  # a present bundle is kept
     rec = parse_cli(_command("recommend"))
-    assert str(rec.model) == bundle and rec.brokers == "kafka:9092"
+    assert [str(m) for m in rec.model] == [bundle] and rec.brokers == "kafka:9092"
     alerts = parse_cli(_command("alerts"))
     assert alerts.in_topic == rec.in_topic == worker_config(_command("worker-1"), {}).out_topic
 

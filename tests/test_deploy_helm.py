@@ -220,7 +220,7 @@ def test_consumers_read_the_worker_output() -> None:
         ns = parse_cli(c["args"])
         assert ns.in_topic == cfg.out_topic and ns.brokers == cfg.brokers
         if name == "recommend":
-            assert str(ns.model) == cfg.model
+            assert [str(m) for m in ns.model] == [cfg.model]
 
 
 @pytest.mark.parametrize(("values", "message"), [

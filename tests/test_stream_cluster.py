@@ -48,7 +48,7 @@ def _topic_settings(bootstrap: str, topics: list[str]) -> dict[str, tuple[set[in
     res = {t: ConfigResource(ResourceType.TOPIC, t) for t in topics}
     futures = admin.describe_configs(list(res.values()))
     return {t: ({len(p.replicas) for p in md.topics[t].partitions.values()},
-                futures[res[t]].result(10)["min.insync.replicas"].value) for t in topics}
+                futures[res[t]].result(60)["min.insync.replicas"].value) for t in topics}
 
 
 def _wait_topic(bootstrap: str, topic: str, w: su.WorkerProcess, timeout: float = 60) -> None:
@@ -129,6 +129,7 @@ def test_leader_loss_mid_stream_loses_nothing(cluster, stream_bundle_path, tmp_p
         # SIGTERM while a leader's node is down: the consumer's fetches to it wait in
         # their retry backoff, which once hung the worker's shutdown.
         cluster.wait_ready()
+        settings = _topic_settings(boot, [src, out, dlq, changelog])  # every node up to answer
         killed.append(_kill_leader(cluster, src, 0))
         time.sleep(1.0)
     finally:
@@ -142,7 +143,6 @@ def test_leader_loss_mid_stream_loses_nothing(cluster, stream_bundle_path, tmp_p
     assert produced == [len(events)]
     stats = su.check_vectors(bundle, events, su.VectorLog.of(reader.messages))
     assert stats["users"] == len({e.user_id for e in events})
-    settings = _topic_settings(boot, [src, out, dlq, changelog])
     assert settings == {t: ({3}, "2") for t in settings}, settings
     print("leader loss x3 (nodes killed):", killed, stats, f"stop {stop_s:.1f}s")
 
