@@ -120,7 +120,7 @@ def _must_be_event_or_error(data: bytes) -> None:
     assert ev.amount is None or (math.isfinite(ev.amount) and ev.amount >= 0)
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.binary(max_size=512))
 def test_parse_arbitrary_bytes_raises_only_event_error(data: bytes) -> None:
     _must_be_event_or_error(data)
@@ -162,7 +162,7 @@ _near_valid = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(_json_values | _event_like | _near_valid)
 def test_parse_arbitrary_json_raises_only_event_error(obj: object) -> None:
     _must_be_event_or_error(json.dumps(obj).encode())
@@ -175,7 +175,7 @@ def _outcome(parse: object, data: bytes) -> object:
         return ("error", e.reason)
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given((_json_values | _event_like | _near_valid).map(lambda o: json.dumps(o).encode()) | st.binary(max_size=256))
 def test_fast_parse_agrees_with_reference(data: bytes) -> None:
     """orjson's fast path returns what the standard library's path returns, or the same
@@ -210,7 +210,7 @@ _valid_events = st.builds(
 )
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(_valid_events)
 def test_valid_event_round_trip(ev: ClickEvent) -> None:
     back = parse_event(ev.to_bytes())
