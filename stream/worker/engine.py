@@ -226,7 +226,7 @@ class Engine:
             for p in plans:
                 if r < len(p.segments) and p.segments[r][1] is not None:
                     self._forget(p, r, result)
-        self._expire(store, result, {uid for uid, _ in per_user})
+        self._expire(store, result, per_user)
         return result
 
     def _group(self, records: Sequence[Record], result: BatchResult) -> dict[tuple[str, int], list[_Item]]:
@@ -350,13 +350,15 @@ class Engine:
             ts = max(self.watermark, (last_ts_of(plan.raw) if plan.raw is not None else None) or -1)
             result.states.append((plan.uid, erased_marker(self.prefix, tomb.partition, tomb.offset, ts), tomb))
 
-    def _expire(self, store: StateStore, result: BatchResult, active: set[str]) -> None:
-        """The TTL's share of the batch: delete what the store found idle for too long."""
+    def _expire(self, store: StateStore, result: BatchResult, per_user: dict[tuple[str, int], Any]) -> None:
+        """The TTL's share of the batch: delete what the store found idle for too long
+        (not the batch's own users, whose stored values this batch replaces)."""
         ttl = self.cfg.state_ttl_ms
         if ttl <= 0 or self.watermark < 0:
             return
+        active = {uid for uid, _ in per_user}
         for uid, partition, value in store.expired(self.watermark - ttl, self.cfg.ttl_scan):
-            if uid in active:  # its stored value is being replaced by this batch
+            if uid in active:
                 continue
             result.states.append((uid, None, Record(uid.encode(), None, "", partition, -1)))
             result.evicted += 1
