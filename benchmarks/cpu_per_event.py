@@ -106,15 +106,17 @@ runpy.run_module("clickvec.cli", run_name="__main__", alter_sys=True)
 """
 
 
-def _with_before(tree: Path | None) -> None:
-    """Contender "before": the clickvec worker from `tree` instead of this checkout."""
+def _with_trees(before: Path | None, after: Path | None) -> None:
+    """Contender "before": the clickvec worker from `before` instead of this checkout;
+    "clickvec" from `after` when given (a snapshot: the checkout may change meanwhile)."""
     orig = pipeline.command
 
     def command(name: str, *args: Any, **kwargs: Any) -> list[str]:
-        if name != "before":
-            return orig(name, *args, **kwargs)
-        if tree is None:
+        tree = before if name == "before" else after if name == "clickvec" else None
+        if name == "before" and tree is None:
             raise SystemExit("contender 'before' needs --before-tree")
+        if tree is None:
+            return orig(name, *args, **kwargs)
         cmd = orig("clickvec", *args, **kwargs)
         assert cmd[1:3] == ["-m", "clickvec.cli"]
         return [cmd[0], "-c", _SHIM, str(common.REPO), str(tree.resolve()), *cmd[3:]]
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--contenders", nargs="+", default=["clickvec", "ceiling", "naive"], choices=(*pipeline.CONTENDERS, "before"))
     p.add_argument("--before-tree", type=Path, default=None, help="source tree of contender 'before'")
+    p.add_argument("--tree", type=Path, default=None, help="source tree of contender 'clickvec' (default: here)")
     p.add_argument("--cap-s", type=float, default=40.0, help="time cap per backlog run (the naive agent)")
     p.add_argument("--bootstrap", default=None)
     p.add_argument("--profile", type=Path, default=None, help="py-spy the clickvec worker of one extra run")
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     configure(logging.INFO)
-    _with_before(a.before_tree)
+    _with_trees(a.before_tree, a.tree)
     loads = [list(os.getloadavg())]
     t_begin = time.time()
     with tempfile.TemporaryDirectory(prefix="clickvec-cpu-") as tmp:

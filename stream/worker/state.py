@@ -87,6 +87,22 @@ class UserState:
                    arr[:n].reshape(layers, hidden), arr[n:].reshape(layers, hidden))
 
 
+def pack_states(model_prefix: bytes, heads: list[tuple[int, int, int, int]], h: np.ndarray, c: np.ndarray,
+                dtype: str = "f32") -> list[bytes]:
+    """`UserState.pack` of B users at once: `heads` their (seq, partition, offset,
+    last_ts), `h` and `c` (L, B, H); one conversion and one copy for all of them."""
+    code = _DTYPE_CODES[dtype]
+    dt = _DTYPES[code]
+    layers, users, hidden = h.shape
+    n = layers * hidden
+    body = np.concatenate((h.transpose(1, 0, 2).reshape(users, n), c.transpose(1, 0, 2).reshape(users, n)),
+                          axis=1).astype(dt, copy=False).tobytes()
+    size = 2 * n * dt.itemsize
+    pack = _HEADER.pack
+    return [pack(_MAGIC, _VERSION, code, model_prefix, seq, partition, offset, last_ts) + body[k * size:(k + 1) * size]
+            for k, (seq, partition, offset, last_ts) in enumerate(heads)]
+
+
 def erased_marker(model_prefix: bytes, partition: int, offset: int, ts: int) -> bytes:
     """The value left for a forgotten user: the tombstone's source partition/offset (so
     events before it that come back after a crash are skipped as replays) and `ts`, the
