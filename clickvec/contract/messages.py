@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import json.encoder
 import math
 import struct
 from collections.abc import Sequence
@@ -107,11 +108,13 @@ def _known(d: object, names: tuple[str, ...]) -> dict[str, object]:
 # other values are those json.dumps would write.
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 _TOPIC_JSON: dict[str, str] = {}
+_json_str = json.encoder.encode_basestring_ascii  # json.dumps(s) for a str s, ensure_ascii as by default
 
 
 def vector_json_head(user_id: str, model_id: str) -> str:
     """The message's first fields, shared by every vector of one user in a batch."""
-    return f'{{"user_id":{json.dumps(user_id)},"model_id":{json.dumps(model_id)},'
+    # json.dumps of a string, less its Python-level wrapper (its own C escaper).
+    return f'{{"user_id":{_json_str(user_id)},"model_id":{_json_str(model_id)},'
 
 
 def vector_json_source(topic: str, partition: int, offset: int) -> str:
