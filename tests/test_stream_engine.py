@@ -18,7 +18,14 @@ from clickvec.stream.worker.engine import (
     PendingStates,
     Record,
 )
-from clickvec.stream.worker.state import HEADER_BYTES, StateError, UserState, pack_states
+from clickvec.stream.worker.state import (
+    HEADER_BYTES,
+    StateError,
+    UserState,
+    erased_marker,
+    pack_states,
+    unpack_states,
+)
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +200,23 @@ def test_calls_sort_users_by_length_and_cut_where_padding_would_cost():
     assert all(len(c) <= 128 for c in calls)
     cells = sum(len(c) * max(lengths[i] for i in c) for c in calls)
     assert cells <= sum(lengths) + len(calls) * MERGE_CELLS
+
+
+def test_states_unpacked_at_once_agree_with_unpack():
+    rng = np.random.default_rng(3)
+    L, H, prefix = 2, 7, b"\x03" * 7 + b"\x00"
+    states = [UserState(prefix, k + 1, k % 4, 100 + k, 1_700_000_000_000 + k,
+                        *rng.standard_normal((2, L, H)).astype(np.float32)) for k in range(6)]
+    values = [st.pack() for st in states]
+    values[1] = states[1].pack("f16")  # another dtype
+    values[2] = b"\x00" + values[2][1:]  # a bad header
+    values[3] = UserState(b"\x04" * 8, 1, 0, 0, 0, states[3].h, states[3].c).pack()  # another model
+    values.append(erased_marker(prefix, 1, 2, 3))
+    got = unpack_states(values, prefix, L, H)
+    assert [g is not None for g in got] == [True, False, False, False, True, True, False]
+    for g, v in zip(got, values, strict=True):
+        if g is not None:
+            want = UserState.unpack(v, L, H)
+            assert (g.model_prefix, g.seq, g.partition, g.offset, g.last_ts) == (
+                want.model_prefix, want.seq, want.partition, want.offset, want.last_ts)
+            assert np.array_equal(g.h, want.h) and np.array_equal(g.c, want.c)

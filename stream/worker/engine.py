@@ -58,6 +58,7 @@ from clickvec.stream.worker.state import (
     last_ts_of,
     marker_position,
     model_id_prefix,
+    unpack_states,
 )
 from clickvec.stream.worker.store import MemoryStateStore, PendingStates, Record, StateStore
 
@@ -198,7 +199,13 @@ class Engine:
         """Apply a batch: events, tombstones (the module docstring), then the TTL's share."""
         result = BatchResult()
         per_user = self._group(records, result)
-        plans = [p for (uid, _), items in per_user.items() if (p := self._plan(uid, items, store, result)) is not None]
+        raws = [store.get(uid, items[0][1]) for (uid, _), items in per_user.items()]
+        # The common stored value (a float32 state of this model) unpacked for all users at once.
+        known = unpack_states([r for r in raws if r is not None], self.prefix, self.layers, self.hidden)
+        it = iter(known)
+        starts = [next(it) if r is not None else None for r in raws]
+        plans = [p for ((uid, _), items), raw, st in zip(per_user.items(), raws, starts, strict=True)
+                 if (p := self._plan(uid, items, raw, st, result)) is not None]
         # Round r runs every user's r-th segment (the events between two of its
         # tombstones); a user's tombstone is published after the vectors before it and
         # before those after it. Almost every batch has one round.
@@ -292,11 +299,19 @@ class Engine:
         assert tomb is not None  # a segment after the first follows a tombstone
         return self._fresh(tomb.partition, tomb.offset)
 
-    def _plan(self, uid: str, items: list[_Item], store: StateStore, result: BatchResult) -> _Plan | None:
-        """What the batch does to one user: its new items cut into segments at its
+    def _plan(self, uid: str, items: list[_Item], raw: bytes | None, known: UserState | None,
+              result: BatchResult) -> _Plan | None:
+        """What the batch does to one user (`raw` its stored value, `known` that value
+        unpacked when it is the common case): its new items cut into segments at its
         tombstones; None when all of them are replays."""
-        raw = store.get(uid, items[0][1])
-        st, stored_ok = self._start_state(uid, raw, result)
+        if known is not None:
+            st, stored_ok = known, True
+            if len(items) == 1 and items[0][0] is not None:  # the common case: one new event
+                rec = items[0][1]
+                if rec.partition != st.partition or rec.offset > st.offset:
+                    return _Plan(uid, raw, st, [(items, None)])  # type: ignore[list-item]
+        else:
+            st, stored_ok = self._start_state(uid, raw, result)
         # Replays against the stored state *and* within the batch: a record can come
         # twice in one batch (read back over a hole and also delivered by the consumer
         # after it seeks back); only offsets beyond the last applied one are new.
