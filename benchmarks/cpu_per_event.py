@@ -71,7 +71,7 @@ class _Profiled(common.Child):
                 fields = rest.split()
             except OSError:
                 continue
-            out[comm] += (int(fields[11]) + int(fields[12])) / common.TICKS
+            out[f"{comm} ({task.name})"] += (int(fields[11]) + int(fields[12])) / common.TICKS
         return dict(out)
 
     def start(self) -> _Profiled:
@@ -96,9 +96,10 @@ class _Profiled(common.Child):
 # Runs `clickvec.cli` with the `clickvec` packages mapped to another source tree (an
 # export of an earlier commit): the editable install's finder reads its MAPPING at import.
 _SHIM = """
-import runpy, sys
+import os, runpy, sys
 import __editable___clickvec_0_1_0_finder as f
 old, new = sys.argv.pop(1), sys.argv.pop(1)
+sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]  # else `clickvec` itself comes from here
 for table in (f.MAPPING, f.NAMESPACES):
     for k, v in list(table.items()):
         table[k] = [p.replace(old, new, 1) for p in v] if isinstance(v, list) else v.replace(old, new, 1)
