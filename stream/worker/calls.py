@@ -115,17 +115,22 @@ def run_call(engine: Engine, idx: list[int], users: list[str], states: list[User
         _encoded_outputs(engine, idx, users, states, pending, z_seq if every else z_last, sur, every, now_ms,
                          outputs, latest)
     event_ts = result.event_ts
+    applied = 0
     kept: list[int] = []
     heads: list[tuple[int, int, int, int]] = []
     for b, i in enumerate(idx):
         evs = pending[i]
         n = len(evs)
-        result.applied += n
-        event_ts.extend(ev[3] for ev, _ in evs)
+        applied += n
+        if n == 1:
+            event_ts.append(evs[0][0][3])
+        else:
+            event_ts.extend(ev[3] for ev, _ in evs)
         if keep[i]:  # else: erased by a tombstone later in the batch
             last_ev, last_rec = evs[-1]
             kept.append(b)
             heads.append((states[i].seq + n, last_rec.partition, last_rec.offset, last_ev[3]))
+    result.applied += applied
     if kept:
         sel = kept if len(kept) < B else slice(None)
         packed = pack_states(engine.prefix, heads, h_new[:, sel], c_new[:, sel], cfg.state_dtype)
@@ -147,7 +152,11 @@ def _json_outputs(engine: Engine, idx: list[int], users: list[str], states: list
         key = uid.encode()
         head = vector_json_head(uid, model_id)
         seq0 = states[i].seq + 1
-        if every:
+        if every and n == 1:  # most users of a batch: no per-event lists to build
+            ev, r = evs[0]
+            msgs = vector_json_many(head, seq0, [ev[3]], now_ms, [rows[b]], sur[b],
+                                    [vector_json_source(r.topic, r.partition, r.offset)])
+        elif every:
             msgs = vector_json_many(head, seq0, [ev[3] for ev, _ in evs], now_ms, rows[b::B][:n], sur[b],
                                     [vector_json_source(r.topic, r.partition, r.offset) for _, r in evs])
         else:

@@ -249,7 +249,10 @@ class Engine:
                     per_user.setdefault((uid, rec.partition), []).append((None, rec))
                 continue
             ev = cores[k] if cores is not None else None
-            ev = self._parse(rec, result) if ev is None else self._keyed(rec, ev, result)
+            if ev is None:
+                ev = self._parse(rec, result)
+            elif rec.key is None or rec.key.decode("utf-8", "replace") != ev[0]:
+                ev = self._keyed(rec, ev, result)  # dead-lettered
             if ev is not None:
                 per_user.setdefault((ev[0], rec.partition), []).append((ev, rec))
                 if ev[3] > wm:
