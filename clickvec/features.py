@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -33,16 +34,20 @@ def gap_bucket(ts_ms: int, prev_ts_ms: int | None) -> int:
 def gap_buckets(ts_ms: np.ndarray, first_prev_ts_ms: int | None = None) -> np.ndarray:
     """Vectorised `gap_bucket` over one user's time-ordered timestamps."""
     ts = np.asarray(ts_ms, dtype=np.int64)
-    out = np.empty(ts.shape, dtype=np.int64)
     if ts.size == 0:
-        return out
+        return np.empty(ts.shape, dtype=np.int64)
     prev = np.empty_like(ts)
     prev[1:] = ts[:-1]
     prev[0] = -1 if first_prev_ts_ms is None else first_prev_ts_ms
-    gap_s = np.maximum(0.0, (ts - prev) / 1000.0)
-    b = 2 + np.minimum(N_GAP_BUCKETS - 3, np.floor(np.log2(1.0 + gap_s)).astype(np.int64))
-    out[:] = b
-    out[prev < 0] = FIRST_GAP
+    return gap_bucket_array(ts, prev)
+
+
+def gap_bucket_array(ts_ms: np.ndarray, prev_ts_ms: np.ndarray) -> np.ndarray:
+    """`gap_bucket` cell by cell over int64 arrays of one shape (a negative previous
+    time: no previous event)."""
+    gap_s = np.maximum(0.0, (ts_ms - prev_ts_ms) / 1000.0)
+    out = 2 + np.minimum(N_GAP_BUCKETS - 3, np.floor(np.log2(1.0 + gap_s)).astype(np.int64))
+    out[prev_ts_ms < 0] = FIRST_GAP
     return out
 
 
@@ -87,6 +92,16 @@ class FeatureSpec:
 
     def type_index(self, event_type: str) -> int:
         return self._type_index.get(event_type, OOV)
+
+    def item_indices(self, item_ids: Sequence[str]) -> Iterator[int]:
+        """`item_index` of each id, without a Python call per id for a vocabulary."""
+        if self.hash_buckets:
+            return map(self.item_index, item_ids)
+        return map(self._item_index.get, item_ids, repeat(OOV, len(item_ids)))
+
+    def type_indices(self, event_types: Sequence[str]) -> Iterator[int]:
+        """`type_index` of each event type."""
+        return map(self._type_index.get, event_types, repeat(OOV, len(event_types)))
 
     def index_to_item(self, idx: int) -> str | None:
         if self.hash_buckets or idx < 2 or idx - 2 >= len(self.items):

@@ -9,6 +9,8 @@ import pytest
 from clickvec.bundle.reader import load_bundle
 from clickvec.contract.messages import VectorMessage
 from clickvec.devtools.synth import SynthConfig, generate_events
+from clickvec.features import gap_bucket, gap_bucket_array
+from clickvec.stream.worker.calls import MERGE_CELLS, call_plan
 from clickvec.stream.worker.engine import (
     Engine,
     EngineConfig,
@@ -16,7 +18,14 @@ from clickvec.stream.worker.engine import (
     PendingStates,
     Record,
 )
-from clickvec.stream.worker.state import HEADER_BYTES, StateError, UserState
+from clickvec.stream.worker.state import (
+    HEADER_BYTES,
+    StateError,
+    UserState,
+    erased_marker,
+    pack_states,
+    unpack_states,
+)
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +171,52 @@ def test_state_layout_is_compact_and_checked(bundle):
         UserState.unpack(raw[:-4], bundle.layers, bundle.hidden)
     with pytest.raises(StateError):
         UserState.unpack(b"\x00" + raw[1:], bundle.layers, bundle.hidden)
+    # Many users packed at once (the engine's path) give each user's own `pack` bytes.
+    rng = np.random.default_rng(1)
+    L, B, H = 2, 5, 7
+    h, c = rng.standard_normal((2, L, B, H)).astype(np.float32)
+    heads = [(b + 1, b % 3, 10 * b, 1_700_000_000_000 + b) for b in range(B)]
+    for dtype in ("f32", "f16"):
+        each = [UserState(b"\x02" * 8, *heads[b], h[:, b], c[:, b]).pack(dtype) for b in range(B)]
+        assert pack_states(b"\x02" * 8, heads, h, c, dtype) == each
+
+
+def test_array_gap_buckets_agree_with_the_scalar_definition():
+    rng = np.random.default_rng(2)
+    prev = rng.integers(-1, 2_000_000_000_000, 5000)
+    # Gaps of every scale, exact powers of two seconds (bucket edges) among them.
+    gaps = np.concatenate([rng.integers(-5000, 10**10, 4000),
+                           1000 * (2 ** rng.integers(0, 25, 1000) - 1) + rng.integers(-1, 2, 1000)])
+    ts = prev + gaps
+    got = gap_bucket_array(ts, prev)
+    want = [gap_bucket(t, p) for t, p in zip(ts.tolist(), prev.tolist(), strict=True)]
+    assert got.tolist() == want
+
+
+def test_calls_sort_users_by_length_and_cut_where_padding_would_cost():
+    lengths = [1, 3, 1, 2, 1, 1, 5, 2] * 40
+    calls = call_plan(lengths, 128)
+    assert sorted(i for c in calls for i in c) == list(range(len(lengths)))
+    assert all(len(c) <= 128 for c in calls)
+    cells = sum(len(c) * max(lengths[i] for i in c) for c in calls)
+    assert cells <= sum(lengths) + len(calls) * MERGE_CELLS
+
+
+def test_states_unpacked_at_once_agree_with_unpack():
+    rng = np.random.default_rng(3)
+    L, H, prefix = 2, 7, b"\x03" * 7 + b"\x00"
+    states = [UserState(prefix, k + 1, k % 4, 100 + k, 1_700_000_000_000 + k,
+                        *rng.standard_normal((2, L, H)).astype(np.float32)) for k in range(6)]
+    values = [st.pack() for st in states]
+    values[1] = states[1].pack("f16")  # another dtype
+    values[2] = b"\x00" + values[2][1:]  # a bad header
+    values[3] = UserState(b"\x04" * 8, 1, 0, 0, 0, states[3].h, states[3].c).pack()  # another model
+    values.append(erased_marker(prefix, 1, 2, 3))
+    got = unpack_states(values, prefix, L, H)
+    assert [g is not None for g in got] == [True, False, False, False, True, True, False]
+    for g, v in zip(got, values, strict=True):
+        if g is not None:
+            want = UserState.unpack(v, L, H)
+            assert (g.model_prefix, g.seq, g.partition, g.offset, g.last_ts) == (
+                want.model_prefix, want.seq, want.partition, want.offset, want.last_ts)
+            assert np.array_equal(g.h, want.h) and np.array_equal(g.c, want.c)

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import json.encoder
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,11 +108,13 @@ def _known(d: object, names: tuple[str, ...]) -> dict[str, object]:
 # other values are those json.dumps would write.
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 _TOPIC_JSON: dict[str, str] = {}
+_json_str = json.encoder.encode_basestring_ascii  # json.dumps(s) for a str s, ensure_ascii as by default
 
 
 def vector_json_head(user_id: str, model_id: str) -> str:
     """The message's first fields, shared by every vector of one user in a batch."""
-    return f'{{"user_id":{json.dumps(user_id)},"model_id":{json.dumps(model_id)},'
+    # json.dumps of a string, less its Python-level wrapper (its own C escaper).
+    return f'{{"user_id":{_json_str(user_id)},"model_id":{_json_str(model_id)},'
 
 
 def vector_json_source(topic: str, partition: int, offset: int) -> str:
@@ -125,10 +129,29 @@ def vector_json(head: str, seq: int, event_ts: int, emit_ts: int, vector: np.nda
                 source_json: str) -> bytes:
     """The JSON vector message from `vector_json_head`, the values, and the source as
     a JSON string (`vector_json_source`). `vector` is a C-contiguous 1-d array."""
-    s = repr(surprise) if math.isfinite(surprise) else json.dumps(surprise)  # json.dumps' float form
-    vec = orjson.dumps(vector, option=_NUMPY).decode()
-    return (f'{head}"seq":{seq},"event_ts":{event_ts},"emit_ts":{emit_ts},"vector":{vec},'
-            f'"surprise":{s},"source":{source_json}}}').encode()
+    return vector_json_many(head, seq, [event_ts], emit_ts, vector_json_rows(vector[None, :]), [surprise],
+                            [source_json])[0]
+
+
+def vector_json_rows(vectors: np.ndarray) -> list[str]:
+    """The JSON values of each row of a C-contiguous 2-d array, without their brackets,
+    from one orjson call: `[[a,b],[c,d]]` splits at `],[` (a number holds no bracket)."""
+    text = orjson.dumps(vectors, option=_NUMPY).decode()
+    return text[2:-2].split("],[")
+
+
+def vector_json_many(head: str, seq0: int, event_ts: Sequence[int], emit_ts: int, rows: Sequence[str],
+                     surprises: Sequence[float], sources_json: Sequence[str]) -> list[bytes]:
+    """The JSON vector messages of one user's consecutive vectors (seq0, seq0 + 1, ...):
+    the message's one writer. `rows` from `vector_json_rows`."""
+    out = []
+    isfinite, dumps = math.isfinite, json.dumps
+    for k, ts in enumerate(event_ts):
+        su = surprises[k]
+        s = repr(su) if isfinite(su) else dumps(su)  # json.dumps' float form
+        out.append(f'{head}"seq":{seq0 + k},"event_ts":{ts},"emit_ts":{emit_ts},"vector":[{rows[k]}],'
+                   f'"surprise":{s},"source":{sources_json[k]}}}'.encode())
+    return out
 
 
 def encode_vector(v: np.ndarray, encoding: str) -> bytes:

@@ -40,24 +40,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from clickvec.contract.events import ClickEvent, EventError, parse_event
-from clickvec.contract.messages import (
-    DeadLetter,
-    VectorMessage,
-    dead_letter_key,
-    vector_json,
-    vector_json_head,
-    vector_json_source,
-)
+from clickvec.contract.events import EventError, parse_core_many, parse_event
+from clickvec.contract.messages import DeadLetter, dead_letter_key
 from clickvec.contract.registry import WireSettings
-from clickvec.features import gap_bucket
+from clickvec.stream.worker.calls import Event, call_plan, run_call
 from clickvec.stream.worker.state import (
     StateError,
     UserState,
@@ -66,6 +58,7 @@ from clickvec.stream.worker.state import (
     last_ts_of,
     marker_position,
     model_id_prefix,
+    unpack_states,
 )
 from clickvec.stream.worker.store import MemoryStateStore, PendingStates, Record, StateStore
 
@@ -97,7 +90,7 @@ class BatchResult:
     evicted: int = 0  # states and markers deleted by the TTL
 
 
-_Item = tuple[ClickEvent | None, Record]  # an event, or (None, tombstone)
+_Item = tuple[Event | None, Record]  # an event, or (None, tombstone)
 
 
 @dataclass(slots=True)
@@ -108,7 +101,7 @@ class _Plan:
     raw: bytes | None  # the stored value
     start: UserState  # what the first segment applies to
     # events between tombstones, each with the tombstone that ends it (None: the last)
-    segments: list[tuple[list[tuple[ClickEvent, Record]], Record | None]]
+    segments: list[tuple[list[tuple[Event, Record]], Record | None]]
     erased: bool = False  # a tombstone of the batch erased something
 
 
@@ -117,7 +110,7 @@ class EngineConfig:
     emit: str = "every"  # "every": a vector after each event; "latest": one per user per batch
     encoding: str = "json"  # vector encoding: json | f16 | i8 | avro (through wire.registry)
     state_dtype: str = "f32"  # f32 | f16
-    max_padding_ratio: float = 4.0  # above this padded/real cell ratio, split the call by length
+    max_padding_ratio: float = 4.0  # unused since users are sorted by length into calls (calls.py)
     # Users per ONNX Runtime call. The step graph's surprise is a softmax over the whole
     # catalogue, whose cost per user grows once a call holds more users than this on CPU
     # (benchmarks/README.md): a larger batch runs as several calls.
@@ -144,7 +137,7 @@ class Engine:
         self.prefix = model_id_prefix(self.model_id)
         self.watermark = -1  # the largest event time seen (the state TTL's clock)
         self._reader: Any = None  # the contract's EventReader, for formats other than JSON keyed by user id
-        self._encode = self._wire_setup()
+        self.encode_vector = self._wire_setup()  # the vector encoder for encodings other than json
 
     def _wire_setup(self) -> Any:
         """Choose, once, how events are read and non-JSON vectors written: JSON events
@@ -166,29 +159,33 @@ class Engine:
         return lambda msg: msg.to_bytes(enc)
 
     # ------------------------------------------------------------------ parsing
-    def _parse(self, rec: Record, result: BatchResult) -> ClickEvent | None:
+    def _parse(self, rec: Record, result: BatchResult) -> Event | None:
         try:
             ev = parse_event(rec.value)
         except EventError as e:
             self._dead(rec, e.reason, e.detail, result)
             return None
+        return self._keyed(rec, (ev.user_id, ev.item_id, ev.event_type, ev.ts), result)
+
+    def _keyed(self, rec: Record, ev: Event, result: BatchResult) -> Event | None:
         key = rec.key.decode("utf-8", "replace") if rec.key is not None else None
-        if key != ev.user_id:
+        if key != ev[0]:
             # State lives on the partition of the key; an event keyed otherwise would be
             # applied on the wrong partition's state.
             self._dead(rec, "key_mismatch",
-                       f"message key {key!r} is not the event's user_id {ev.user_id!r}; "
+                       f"message key {key!r} is not the event's user_id {ev[0]!r}; "
                        "key the source topic by user_id", result)
             return None
         return ev
 
-    def _parse_wire(self, reader: Any, rec: Record, result: BatchResult) -> ClickEvent | None:
+    def _parse_wire(self, reader: Any, rec: Record, result: BatchResult) -> Event | None:
         """`_parse` for the other formats and key modes (clickvec.contract.registry)."""
         try:
-            return reader.event(rec.key, rec.value, rec.topic)  # type: ignore[no-any-return]
+            ev = reader.event(rec.key, rec.value, rec.topic)
         except EventError as e:
             self._dead(rec, e.reason, e.detail, result)
             return None
+        return ev.user_id, ev.item_id, ev.event_type, ev.ts
 
     def _dead(self, rec: Record, reason: str, detail: str, result: BatchResult) -> None:
         payload = self.cfg.dlq_payload
@@ -202,14 +199,20 @@ class Engine:
         """Apply a batch: events, tombstones (the module docstring), then the TTL's share."""
         result = BatchResult()
         per_user = self._group(records, result)
-        plans = [p for (uid, _), items in per_user.items() if (p := self._plan(uid, items, store, result)) is not None]
+        raws = [store.get(uid, items[0][1]) for (uid, _), items in per_user.items()]
+        # The common stored value (a float32 state of this model) unpacked for all users at once.
+        known = unpack_states([r for r in raws if r is not None], self.prefix, self.layers, self.hidden)
+        it = iter(known)
+        starts = [next(it) if r is not None else None for r in raws]
+        plans = [p for ((uid, _), items), raw, st in zip(per_user.items(), raws, starts, strict=True)
+                 if (p := self._plan(uid, items, raw, st, result)) is not None]
         # Round r runs every user's r-th segment (the events between two of its
         # tombstones); a user's tombstone is published after the vectors before it and
         # before those after it. Almost every batch has one round.
         for r in range(max((len(p.segments) for p in plans), default=0)):
             users: list[str] = []
             states: list[UserState] = []
-            pending: list[list[tuple[ClickEvent, Record]]] = []
+            pending: list[list[tuple[Event, Record]]] = []
             keep: list[bool] = []
             for p in plans:
                 if r < len(p.segments) and p.segments[r][0]:
@@ -236,17 +239,24 @@ class Engine:
         other partitions must not cut the user's events."""
         per_user: dict[tuple[str, int], list[_Item]] = {}
         wm = self.watermark
-        for rec in records:
+        # JSON keyed by user id: the whole batch's values parsed in one call; what it
+        # refuses is parsed again by `_parse`, for the dead letter's reason.
+        cores = parse_core_many([r.value for r in records]) if self._reader is None else None
+        for k, rec in enumerate(records):
             if rec.value is None:
                 uid = self._tombstone_user(rec, result)
                 if uid is not None:
                     per_user.setdefault((uid, rec.partition), []).append((None, rec))
                 continue
-            ev = self._parse(rec, result)
+            ev = cores[k] if cores is not None else None
+            if ev is None:
+                ev = self._parse(rec, result)
+            elif rec.key is None or rec.key.decode("utf-8", "replace") != ev[0]:
+                ev = self._keyed(rec, ev, result)  # dead-lettered
             if ev is not None:
-                per_user.setdefault((ev.user_id, rec.partition), []).append((ev, rec))
-                if ev.ts > wm:
-                    wm = ev.ts
+                per_user.setdefault((ev[0], rec.partition), []).append((ev, rec))
+                if ev[3] > wm:
+                    wm = ev[3]
         self.watermark = wm
         return per_user
 
@@ -292,11 +302,19 @@ class Engine:
         assert tomb is not None  # a segment after the first follows a tombstone
         return self._fresh(tomb.partition, tomb.offset)
 
-    def _plan(self, uid: str, items: list[_Item], store: StateStore, result: BatchResult) -> _Plan | None:
-        """What the batch does to one user: its new items cut into segments at its
+    def _plan(self, uid: str, items: list[_Item], raw: bytes | None, known: UserState | None,
+              result: BatchResult) -> _Plan | None:
+        """What the batch does to one user (`raw` its stored value, `known` that value
+        unpacked when it is the common case): its new items cut into segments at its
         tombstones; None when all of them are replays."""
-        raw = store.get(uid, items[0][1])
-        st, stored_ok = self._start_state(uid, raw, result)
+        if known is not None:
+            st, stored_ok = known, True
+            if len(items) == 1 and items[0][0] is not None:  # the common case: one new event
+                rec = items[0][1]
+                if rec.partition != st.partition or rec.offset > st.offset:
+                    return _Plan(uid, raw, st, [(items, None)])  # type: ignore[list-item]
+        else:
+            st, stored_ok = self._start_state(uid, raw, result)
         # Replays against the stored state *and* within the batch: a record can come
         # twice in one batch (read back over a hole and also delivered by the consumer
         # after it seeks back); only offsets beyond the last applied one are new.
@@ -318,8 +336,8 @@ class Engine:
                 # so the table itself does not change).
                 result.states.append((uid, raw, items[-1][1]))
             return None
-        segments: list[tuple[list[tuple[ClickEvent, Record]], Record | None]] = []
-        cur: list[tuple[ClickEvent, Record]] = []
+        segments: list[tuple[list[tuple[Event, Record]], Record | None]] = []
+        cur: list[tuple[Event, Record]] = []
         for ev, rec in new:
             if ev is None:
                 segments.append((cur, rec))
@@ -368,94 +386,12 @@ class Engine:
                 if self.cfg.latest:
                     result.latest[key] = None
 
-    def _call(self, users: list[str], states: list[UserState], pending: list[list[tuple[ClickEvent, Record]]],
+    def _call(self, users: list[str], states: list[UserState], pending: list[list[tuple[Event, Record]]],
               keep: list[bool], store: StateStore, result: BatchResult) -> None:
-        lengths = np.array([len(p) for p in pending], dtype=np.int64)
-        step = max(1, self.cfg.max_call_batch)
-        for idx in self._chunks(lengths):
-            for k in range(0, len(idx), step):
-                self._run(idx[k:k + step], users, states, pending, keep, store, result)
-
-    def _chunks(self, lengths: np.ndarray) -> list[np.ndarray]:
-        """One call for the whole batch unless padding would dominate; then one call per
-        power-of-two length class."""
-        total = int(lengths.sum())
-        if int(lengths.max()) * len(lengths) <= self.cfg.max_padding_ratio * total:
-            return [np.arange(len(lengths))]
-        cls = np.ceil(np.log2(lengths)).astype(np.int64)
-        return [np.flatnonzero(cls == k) for k in np.unique(cls)]
-
-    def _run(
-        self,
-        idx: np.ndarray,
-        users: list[str],
-        states: list[UserState],
-        pending: list[list[tuple[ClickEvent, Record]]],
-        keep: list[bool],
-        store: StateStore,
-        result: BatchResult,
-    ) -> None:
-        B = len(idx)
-        T = max(len(pending[i]) for i in idx)
-        items = np.zeros((T, B), dtype=np.int64)
-        etypes = np.zeros((T, B), dtype=np.int64)
-        gaps = np.zeros((T, B), dtype=np.int64)
-        lengths = np.empty(B, dtype=np.int32)
-        h = np.empty((self.layers, B, self.hidden), dtype=np.float32)
-        c = np.empty((self.layers, B, self.hidden), dtype=np.float32)
-        spec = self.spec
-        for b, i in enumerate(idx):
-            st = states[i]
-            prev = st.last_ts if st.last_ts >= 0 else None
-            for t, (ev, _) in enumerate(pending[i]):
-                items[t, b] = spec.item_index(ev.item_id)
-                etypes[t, b] = spec.type_index(ev.event_type)
-                gaps[t, b] = gap_bucket(ev.ts, prev)
-                prev = ev.ts
-            lengths[b] = len(pending[i])
-            h[:, b] = st.h
-            c[:, b] = st.c
-
-        t0 = time.perf_counter()
-        h_new, c_new, z_seq, z_last, surprise = self.bundle.step(items, etypes, gaps, lengths, h, c)
-        result.infer_s += time.perf_counter() - t0
-
-        now_ms = int(time.time() * 1000)
-        enc = self.cfg.encoding
-        every = self.cfg.emit == "every"
-        fast = enc == "json"
-        z_arr = z_seq if every else z_last
-        zs_all = z_arr if fast else z_arr.tolist()  # json: rows go to orjson as float32 arrays
-        sur_all = surprise.tolist()  # (T, B)
-        outputs = result.outputs
-        latest = result.latest if self.cfg.latest else None
-        for b, i in enumerate(idx):
-            st = states[i]
-            evs = pending[i]
-            n = len(evs)
-            uid = users[i]
-            key = uid.encode()
-            head = vector_json_head(uid, self.model_id) if fast else ""
-            todo = enumerate(evs) if every else [(n - 1, evs[-1])]
-            for t, (ev, rec) in todo:
-                z = zs_all[t][b] if every else zs_all[b]
-                if fast:
-                    outputs.append((key, vector_json(head, st.seq + t + 1, ev.ts, now_ms, z, sur_all[t][b],
-                                                     vector_json_source(rec.topic, rec.partition, rec.offset))))
-                else:
-                    msg = VectorMessage(uid, self.model_id, st.seq + t + 1, ev.ts, now_ms, z, sur_all[t][b],
-                                        f"{rec.topic}[{rec.partition}]@{rec.offset}")
-                    outputs.append((key, self._encode(msg)))
-            if latest is not None:
-                latest[key] = outputs[-1][1]
-            result.applied += n
-            result.event_ts.extend(ev.ts for ev, _ in evs)
-            if not keep[i]:  # erased by a tombstone later in the batch
-                continue
-            last_ev, last_rec = evs[-1]
-            new_state = UserState(self.prefix, st.seq + n, last_rec.partition, last_rec.offset,
-                                  last_ev.ts, h_new[:, b], c_new[:, b])
-            result.states.append((uid, new_state.pack(self.cfg.state_dtype), last_rec))
+        """The round's ONNX Runtime calls (calls.py): users sorted by their number of
+        events, at most `max_call_batch` a call."""
+        for idx in call_plan([len(p) for p in pending], max(1, self.cfg.max_call_batch)):
+            run_call(self, idx, users, states, pending, keep, result)
 
     def commit_states(self, result: BatchResult, store: StateStore) -> None:
         """Write the batch's states. Call only after its outputs were delivered: a state

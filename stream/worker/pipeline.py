@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import numpy as np
 from faust.types import TP
 
 from clickvec.stream.worker import faust_internals
@@ -256,8 +257,8 @@ class Pipeline:
         m.infer_seconds.observe(result.infer_s)
         m.batch_seconds.observe(time.perf_counter() - item.t0)
         m.users.set(result.users)
-        for ts in result.event_ts:
-            m.latency.observe(max(0.0, now - ts / 1000.0))
+        if result.event_ts:
+            m.latency.observe_many(np.maximum(0.0, now - np.asarray(result.event_ts, np.float64) / 1000.0))
 
     # -- timers --------------------------------------------------------------------------
 

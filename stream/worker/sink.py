@@ -8,6 +8,7 @@ the latest-vector topic it says the user was forgotten or expired (engine.py).""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 from typing import Any
@@ -18,6 +19,9 @@ from clickvec.errors import ClickvecError
 from clickvec.kafka import produce_waiting
 
 log = logging.getLogger(__name__)
+
+QUEUE_MESSAGES = 1_000_000  # the producer's queue.buffering.max.messages
+QUEUE_ROOM = QUEUE_MESSAGES * 9 // 10  # a batch goes in one call while the queue holds fewer than this
 
 
 class DeliveryError(ClickvecError):
@@ -35,7 +39,7 @@ def reliable_producer(conf: dict[str, Any], **extra: Any) -> Producer:
         "acks": "all",
         "compression.type": "lz4",
         "batch.num.messages": 10000,
-        "queue.buffering.max.messages": 1_000_000,
+        "queue.buffering.max.messages": QUEUE_MESSAGES,
         **extra,
     })
 
@@ -62,12 +66,12 @@ class Sink:
         goes to the latest-vector topic when there is one."""
         fut: asyncio.Future[None] = loop.create_future()
         latest = latest if self.latest_topic and latest else {}
-        left = len(outputs) + len(dead) + len(latest)
-        if left == 0:
+        total = len(outputs) + len(dead) + len(latest)
+        if total == 0:
             fut.set_result(None)
             return fut
-        lock = threading.Lock()
         errors: list[str] = []
+        acked = itertools.count(1)  # next() is atomic: reports may be served from two threads
 
         def settle() -> None:
             if not fut.done():
@@ -77,23 +81,40 @@ class Sink:
                     fut.set_result(None)
 
         def on_delivery(err: KafkaError | None, msg: Any) -> None:
-            nonlocal left
-            with lock:
-                if err is not None:
-                    errors.append(f"{msg.topic()}: {err}")
-                left -= 1
-                done = left == 0
-            if done:
+            if err is not None:
+                errors.append(f"{msg.topic()}: {err}")
+            if next(acked) == total:
                 loop.call_soon_threadsafe(settle)
 
-        for key, value in outputs:
-            produce_waiting(self.producer, self.out_topic, key, value, on_delivery)
+        self._produce_many(self.out_topic, outputs, on_delivery)
         for key, value, _ in dead:
             produce_waiting(self.producer, self.dlq_topic, key, value, on_delivery)
-        for key, value in latest.items():
-            produce_waiting(self.producer, self.latest_topic, key, value, on_delivery)
+        self._produce_many(self.latest_topic, list(latest.items()), on_delivery)
         self._ensure_poller()
         return fut
+
+    def _produce_many(self, topic: str, messages: list[tuple[bytes, bytes | None]], on_delivery: Any) -> None:
+        """Queue `messages` in their order, in one call (`produce_batch`) when the
+        producer's queue has room for them, else one by one, waiting for room."""
+        if not messages:
+            return
+        producer = self.producer
+        if len(producer) + len(messages) > QUEUE_ROOM:
+            for key, value in messages:
+                produce_waiting(producer, topic, key, value, on_delivery)
+            return
+        batch = [{"key": key, "value": value} for key, value in messages]
+        if producer.produce_batch(topic, batch, on_delivery=on_delivery) == len(batch):
+            return
+        # Refused messages (`_error` set): queued again in order when they are the tail
+        # of the batch (the queue filled up: wait for room); one refused before an
+        # accepted one cannot be queued again without reordering the user's vectors,
+        # so the batch fails and, with the process, is processed again from its events.
+        first = next(k for k, m in enumerate(batch) if "_error" in m)
+        if any("_error" not in m for m in batch[first:]):
+            raise DeliveryError(f"{topic}: the producer refused messages of a batch: {batch[first]['_error']}")
+        for m in batch[first:]:
+            produce_waiting(producer, topic, m["key"], m["value"], on_delivery)
 
     def _ensure_poller(self) -> None:
         """A thread serving delivery reports as they come (`send`)."""

@@ -87,6 +87,49 @@ class UserState:
                    arr[:n].reshape(layers, hidden), arr[n:].reshape(layers, hidden))
 
 
+def unpack_states(values: list[bytes], model_prefix: bytes, layers: int, hidden: int) -> list[UserState | None]:
+    """`UserState.unpack` of many values at once, for the common case only: a float32
+    state of `model_prefix`'s model. Any other value (another size, dtype or model, an
+    erased marker, a bad header) gives None, for the caller's one-by-one path."""
+    n = layers * hidden
+    dt = np.dtype([("magic", "u1"), ("version", "u1"), ("code", "u1"), ("pad", "u1"), ("prefix", "<u8"),
+                   ("seq", "<u8"), ("partition", "<i4"), ("offset", "<i8"), ("last_ts", "<i8"),
+                   ("hc", "<f4", (2, layers, hidden))])
+    assert dt.itemsize == HEADER_BYTES + 8 * n
+    size = dt.itemsize
+    out: list[UserState | None] = [None] * len(values)
+    which = [k for k, v in enumerate(values) if len(v) == size]
+    if not which:
+        return out
+    arr = np.frombuffer(b"".join([values[k] for k in which]), dt)
+    ok = ((arr["magic"] == _MAGIC) & (arr["version"] == _VERSION) & (arr["code"] == 1)
+          & (arr["prefix"] == int.from_bytes(model_prefix, "little")))
+    hc = arr["hc"]
+    heads = zip(arr["seq"].tolist(), arr["partition"].tolist(), arr["offset"].tolist(), arr["last_ts"].tolist(),
+                ok.tolist(), strict=True)
+    for j, (k, (seq, partition, offset, last_ts, good)) in enumerate(zip(which, heads, strict=True)):
+        if good:
+            h, c = hc[j]
+            out[k] = UserState(model_prefix, seq, partition, offset, last_ts, h, c)
+    return out
+
+
+def pack_states(model_prefix: bytes, heads: list[tuple[int, int, int, int]], h: np.ndarray, c: np.ndarray,
+                dtype: str = "f32") -> list[bytes]:
+    """`UserState.pack` of B users at once: `heads` their (seq, partition, offset,
+    last_ts), `h` and `c` (L, B, H); one conversion and one copy for all of them."""
+    code = _DTYPE_CODES[dtype]
+    dt = _DTYPES[code]
+    layers, users, hidden = h.shape
+    n = layers * hidden
+    body = np.concatenate((h.transpose(1, 0, 2).reshape(users, n), c.transpose(1, 0, 2).reshape(users, n)),
+                          axis=1).astype(dt, copy=False).tobytes()
+    size = 2 * n * dt.itemsize
+    pack = _HEADER.pack
+    return [pack(_MAGIC, _VERSION, code, model_prefix, seq, partition, offset, last_ts) + body[k * size:(k + 1) * size]
+            for k, (seq, partition, offset, last_ts) in enumerate(heads)]
+
+
 def erased_marker(model_prefix: bytes, partition: int, offset: int, ts: int) -> bytes:
     """The value left for a forgotten user: the tombstone's source partition/offset (so
     events before it that come back after a crash are skipped as replays) and `ts`, the
