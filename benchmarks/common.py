@@ -105,13 +105,16 @@ class Sender:
         self.sent_at: dict[str, float] = {}
         self.errors = 0
         self.t_start = 0.0  # wall-clock start of the last `send`
+        self.acked_at: dict[str, float] = {}
 
     def _cb(self, t: float):
         def cb(err: Any, msg: Any) -> None:
             if err is not None:
                 self.errors += 1
             else:
-                self.sent_at[f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"] = t
+                src = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+                self.sent_at[src] = t
+                self.acked_at[src] = time.time()  # when the callback ran (at a poll)
         return cb
 
     def send(self, records: list[tuple[bytes, bytes]], rate: float | None = None,

@@ -101,10 +101,13 @@ def _load_main(conn: Any, bootstrap: str, topic: str, linger_ms: float, cpus: tu
         _, spec, rate, duration, time_from = msg
         records = common.make_events(**spec) if isinstance(spec, dict) else spec
         sender.sent_at.clear()
+        sender.acked_at.clear()
         n, secs = sender.send(records, rate, duration)
         # Only events sent after `time_from` seconds are timed (the warm-up at full rate is not).
         cut = sender.t_start + time_from
-        conn.send(("sent", n, secs, {s: t for s, t in sender.sent_at.items() if t >= cut}, cut))
+        timed = {s: t for s, t in sender.sent_at.items() if t >= cut}
+        acked = common.percentiles([(sender.acked_at[s] - t) * 1e3 for s, t in timed.items()])
+        conn.send(("sent", n, secs, timed, cut, acked))
 
 
 # ------------------------------------------------------------------ reader
@@ -181,11 +184,13 @@ class LoadGen(_Proc):
         super().__init__(_load_main, bootstrap, topic, linger_ms, cpus)
 
     def send(self, spec: dict[str, Any] | list[tuple[bytes, bytes]], rate: float | None = None,
-             duration: float | None = None, time_from: float = 0.0) -> tuple[int, float, dict[str, float], float]:
+             duration: float | None = None, time_from: float = 0.0
+             ) -> tuple[int, float, dict[str, float], float, dict[str, Any]]:
         """Send the events (`make_events` kwargs or a list); returns (sent, seconds,
-        {source: send time} of those sent from `time_from` s on, that cut as a time)."""
-        _, n, secs, sent_at, cut = self.call("send", spec, rate, duration, time_from)
-        return n, secs, sent_at, cut
+        {source: send time} of those sent from `time_from` s on, that cut as a time,
+        percentiles of their send -> broker acknowledgement in ms)."""
+        _, n, secs, sent_at, cut, acked = self.call("send", spec, rate, duration, time_from)
+        return n, secs, sent_at, cut, acked
 
     def close(self) -> None:
         if self.proc.is_alive():

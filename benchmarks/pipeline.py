@@ -174,7 +174,7 @@ def paced_run(name: str, events: list[tuple[bytes, bytes]] | dict[str, Any],
         # CPU seconds of every process over the whole paced send (warm + measured).
         cpu0 = {k: f() for k, f in pids.items()}
         load0 = os.getloadavg()
-        n_all, send_s, sent_at, cut = gen.send(events, rate, warm_s + duration, time_from=warm_s)
+        n_all, send_s, sent_at, cut, acked = gen.send(events, rate, warm_s + duration, time_from=warm_s)
         cpu = {k: f() - cpu0[k] for k, f in pids.items()}
         deadline = time.time() + drain_s
         while reader.count() < n_all and time.time() < deadline:
@@ -201,6 +201,9 @@ def paced_run(name: str, events: list[tuple[bytes, bytes]] | dict[str, Any],
          # contender handing the output to its producer; the rest is its producer, the
          # broker and the reader's fetch.
          "send_to_output_produced_ms": percentiles(to_out),
+         # send -> the broker's acknowledgement at the load generator (linger.ms, the broker's
+         # append; taken at the generator's next poll, about 1 ms apart).
+         "send_to_input_acked_ms": acked,
          "per_second": _per_second(when, lat),
          "cpu_s": cpu, "cpu_share_of_a_core": {k: v / send_s for k, v in cpu.items()},
          "load_average_at_start": list(load0),
