@@ -66,7 +66,7 @@ def run(a: argparse.Namespace, placement: Placement, work: Path, bootstrap: str,
     events = common.make_events(a.events, a.users, seed=1)
     backlog: dict[str, Any] = {}
     for name, flags in variants.items():
-        backlog[f"clickvec:{name}"] = backlog_run("clickvec", events, ctx, 30.0, a.max_batch, a.max_wait, flags)
+        backlog[f"clickvec:{name}"] = backlog_run("clickvec", events, ctx, 30.0, a.max_batch, None, flags)
     backlog["ceiling"] = backlog_run("ceiling", events, ctx, 30.0, a.max_batch, a.max_wait)
     if a.naive:
         backlog["naive"] = backlog_run("naive", events[: a.naive_events], ctx, 30.0)
@@ -86,10 +86,16 @@ def run(a: argparse.Namespace, placement: Placement, work: Path, bootstrap: str,
                                    max_wait=a.max_wait, extra=shlex.split(a.ceiling_flags))
         for name, flags in variants.items():
             row[f"clickvec:{name}"] = paced_run("clickvec", spec, warm, rate, a.paced_s, ctx, max_batch=a.max_batch,
-                                                max_wait=a.max_wait, extra=flags)
+                                                max_wait=None, extra=flags)
         if a.naive and rate <= 0.7 * backlog["naive"]["events_per_s"]:
             row["naive"] = paced_run("naive", spec, warm, rate, a.paced_s, ctx)
         sweep.append(row)
+    for rate in a.naive_rates if a.naive else []:  # below the sweep's rates: the naive agent's own
+        spec = {"n": int(rate * (a.paced_s + WARM_S)) + 1000, "users": a.users, "seed": 2}
+        sweep.append({"rate": rate, "round": 0, "fraction_of_reference_backlog": rate / ref,
+                      "ceiling": paced_run("ceiling", spec, warm, rate, a.paced_s, ctx, max_batch=a.max_batch,
+                                           max_wait=a.max_wait),
+                      "naive": paced_run("naive", spec, warm, rate, a.paced_s, ctx)})
     return {"model_only": mo, "backlog": backlog, "broker_warmup_run": jit, "reference_backlog_events_per_s": ref, "rates": rates,
             "sweep": sweep, "variants": variants}
 
@@ -124,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="NAME=FLAGS: a clickvec setting (extra `clickvec stream` flags); repeat; first = reference")
     p.add_argument("--events", type=int, default=60_000, help="backlog events")
     p.add_argument("--naive-events", type=int, default=20_000)
+    p.add_argument("--naive-rates", type=float, nargs="*", default=[500],
+                   help="extra paced runs of the naive agent (and the ceiling) at these rates")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--paced-s", type=float, default=20.0)

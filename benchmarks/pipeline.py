@@ -15,8 +15,12 @@ Throughput: backlog mode (the whole load is on the topic before the worker start
 sustained events/s = outputs after the first poll / time from first to last output
 at the reader. Latency: paced mode at half of (a)'s backlog rate; per event, its send
 time at the producer to its output's arrival at the reader. CPU seconds (between
-first and last output) and peak RSS of the worker process come from /proc. The
-broker, the worker, the producer and the reader all share this machine's cores.
+first and last output) and peak RSS of the worker process come from /proc.
+
+Placement (latency_probe.py): the paced load generator and the reader are processes of
+their own; the contender runs alone on core 0, the broker, the load generator, the
+reader and this process on core 1 (`--no-pin`: everything on every core). Other users'
+jobs on the machine are not pinned.
 
     .venv/bin/python -m benchmarks.pipeline [--events N] [--users U] [--quick]
 """
@@ -51,15 +55,16 @@ WARM_S = 3.0  # seconds at the full paced rate before latency is counted
 
 
 def command(name: str, bundle: Path, bootstrap: str, in_topic: str, out_topic: str, state_dir: Path,
-            max_batch: int, max_wait: float, extra: list[str] | None = None) -> list[str]:
+            max_batch: int, max_wait: float | None, extra: list[str] | None = None) -> list[str]:
+    """`max_wait` None: the worker's own default."""
     group = f"bench-{name}-{uuid.uuid4().hex[:8]}"
     py = common.python()
     if name == "clickvec":
+        wait = [] if max_wait is None else ["--max-wait", str(max_wait)]
         return [py, "-m", "clickvec.cli", "stream", "--model", str(bundle), "--brokers", bootstrap,
                 "--in", in_topic, "--out", out_topic, "--dlq", f"{in_topic}-dlq", "--group", group,
                 "--state-dir", str(state_dir), "--web-port", str(free_port()),
-                "--max-batch", str(max_batch), "--max-wait", str(max_wait), "--loglevel", "warning",
-                *(extra or [])]
+                "--max-batch", str(max_batch), *wait, "--loglevel", "warning", *(extra or [])]
     if name == "ceiling":
         return [py, "-m", "benchmarks.ceiling", "--brokers", bootstrap, "--in", in_topic, "--out", out_topic,
                 "--group", group, "--max-batch", str(max_batch), "--max-wait", str(max_wait), *(extra or [])]
@@ -74,7 +79,7 @@ def _topics(bootstrap: str, partitions: int) -> tuple[str, str]:
 
 
 def backlog_run(name: str, events: list[tuple[bytes, bytes]], ctx: dict[str, Any], cap_s: float,
-                max_batch: int = 1024, max_wait: float = 0.005, extra: list[str] | None = None,
+                max_batch: int = 1024, max_wait: float | None = 0.005, extra: list[str] | None = None,
                 send: Any = None, on_done: Any = None) -> dict[str, Any]:
     """The whole load on the topic first, then the worker: sustained events/s. `send(topic)`
     writes the load instead of a plain producer (benchmarks/transactional.py); `on_done(r)`
@@ -138,7 +143,7 @@ def backlog_run(name: str, events: list[tuple[bytes, bytes]], ctx: dict[str, Any
 
 def paced_run(name: str, events: list[tuple[bytes, bytes]] | dict[str, Any],
               warmup: list[tuple[bytes, bytes]], rate: float, duration: float, ctx: dict[str, Any],
-              drain_s: float = 15.0, max_batch: int = 1024, max_wait: float = 0.005,
+              drain_s: float = 15.0, max_batch: int = 1024, max_wait: float | None = 0.005,
               extra: list[str] | None = None, warm_s: float = WARM_S) -> dict[str, Any]:
     """The worker running and warmed up first, then events at `rate`/s for `warm_s` +
     `duration` s; latency counts the events sent in the last `duration` s (the first
