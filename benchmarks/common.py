@@ -104,13 +104,17 @@ class Sender:
                            "partitioner": "murmur2_random"})
         self.sent_at: dict[str, float] = {}
         self.errors = 0
+        self.t_start = 0.0  # wall-clock start of the last `send`
+        self.acked_at: dict[str, float] = {}
 
     def _cb(self, t: float):
         def cb(err: Any, msg: Any) -> None:
             if err is not None:
                 self.errors += 1
             else:
-                self.sent_at[f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"] = t
+                src = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+                self.sent_at[src] = t
+                self.acked_at[src] = time.time()  # when the callback ran (at a poll)
         return cb
 
     def send(self, records: list[tuple[bytes, bytes]], rate: float | None = None,
@@ -122,7 +126,9 @@ class Sender:
         until the next one is due (about 1 ms: at thousands of events/s messages leave
         in small bursts). Each message's send time is taken when it is handed to the
         producer. An earlier version spun on `poll(0)` between messages less than 0.5 ms
-        apart and took most of a core from the worker it was measuring."""
+        apart and took most of a core from the worker it was measuring; it sleeps at least
+        1 ms (sub-millisecond sleeps at high rates were close to a spin)."""
+        self.t_start = time.time()
         t0 = time.perf_counter()
         n = 0
         total = len(records)
@@ -144,7 +150,7 @@ class Sender:
             self.p.poll(0)
             wait = t0 + n / rate - time.perf_counter()
             if wait > 0:
-                time.sleep(wait)
+                time.sleep(max(wait, 0.001))
         self.p.flush(60)
         if self.errors:
             raise RuntimeError(f"{self.errors} events not delivered")
@@ -209,11 +215,7 @@ class Child(ChildProcess):
 
     def cpu_s(self) -> float:
         """User + system CPU seconds of the process (all its threads) so far."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / TICKS
+        return cpu_s_of(self.pid)
 
     def peak_rss_mb(self) -> float:
         try:
@@ -223,6 +225,15 @@ class Child(ChildProcess):
         except OSError:
             pass
         return float("nan")
+
+
+def cpu_s_of(pid: int) -> float:
+    """User + system CPU seconds of process `pid` (all its threads) so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def percentiles(x: list[float] | np.ndarray) -> dict[str, float | None]:

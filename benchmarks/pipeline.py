@@ -15,8 +15,12 @@ Throughput: backlog mode (the whole load is on the topic before the worker start
 sustained events/s = outputs after the first poll / time from first to last output
 at the reader. Latency: paced mode at half of (a)'s backlog rate; per event, its send
 time at the producer to its output's arrival at the reader. CPU seconds (between
-first and last output) and peak RSS of the worker process come from /proc. The
-broker, the worker, the producer and the reader all share this machine's cores.
+first and last output) and peak RSS of the worker process come from /proc.
+
+Placement (latency_probe.py): the paced load generator and the reader are processes of
+their own; the contender runs alone on core 0, the broker, the load generator, the
+reader and this process on core 1 (`--no-pin`: everything on every core). Other users'
+jobs on the machine are not pinned.
 
     .venv/bin/python -m benchmarks.pipeline [--events N] [--users U] [--quick]
 """
@@ -26,9 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -41,6 +45,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.common import Child, Reader, Sender, create_topic, make_events, percentiles
+from benchmarks.latency_probe import LoadGen, OutReader, Placement, pin, prioritize
 from clickvec.devtools.proc import free_port
 from clickvec.logsetup import configure
 
@@ -50,18 +55,19 @@ WARM_S = 3.0  # seconds at the full paced rate before latency is counted
 
 
 def command(name: str, bundle: Path, bootstrap: str, in_topic: str, out_topic: str, state_dir: Path,
-            max_batch: int, max_wait: float, extra: list[str] | None = None) -> list[str]:
+            max_batch: int, max_wait: float | None, extra: list[str] | None = None) -> list[str]:
+    """`max_wait` None: the worker's own default."""
     group = f"bench-{name}-{uuid.uuid4().hex[:8]}"
     py = common.python()
     if name == "clickvec":
+        wait = [] if max_wait is None else ["--max-wait", str(max_wait)]
         return [py, "-m", "clickvec.cli", "stream", "--model", str(bundle), "--brokers", bootstrap,
                 "--in", in_topic, "--out", out_topic, "--dlq", f"{in_topic}-dlq", "--group", group,
                 "--state-dir", str(state_dir), "--web-port", str(free_port()),
-                "--max-batch", str(max_batch), "--max-wait", str(max_wait), "--loglevel", "warning",
-                *(extra or [])]
+                "--max-batch", str(max_batch), *wait, "--loglevel", "warning", *(extra or [])]
     if name == "ceiling":
         return [py, "-m", "benchmarks.ceiling", "--brokers", bootstrap, "--in", in_topic, "--out", out_topic,
-                "--group", group, "--max-batch", str(max_batch), "--max-wait", str(max_wait)]
+                "--group", group, "--max-batch", str(max_batch), "--max-wait", str(max_wait), *(extra or [])]
     mode = "naive" if name == "naive" else "recompute"
     return [py, "-m", "benchmarks.naive_agent", "--mode", mode, "--model", str(bundle), "--brokers", bootstrap,
             "--in", in_topic, "--out", out_topic, "--group", group, "--state-dir", str(state_dir),
@@ -73,7 +79,7 @@ def _topics(bootstrap: str, partitions: int) -> tuple[str, str]:
 
 
 def backlog_run(name: str, events: list[tuple[bytes, bytes]], ctx: dict[str, Any], cap_s: float,
-                max_batch: int = 1024, max_wait: float = 0.005, extra: list[str] | None = None,
+                max_batch: int = 1024, max_wait: float | None = 0.005, extra: list[str] | None = None,
                 send: Any = None, on_done: Any = None) -> dict[str, Any]:
     """The whole load on the topic first, then the worker: sustained events/s. `send(topic)`
     writes the load instead of a plain producer (benchmarks/transactional.py); `on_done(r)`
@@ -85,8 +91,11 @@ def backlog_run(name: str, events: list[tuple[bytes, bytes]], ctx: dict[str, Any
     else:
         send(in_topic)
     reader = Reader(bootstrap, out_topic)
-    child = Child(command(name, ctx["bundle"], bootstrap, in_topic, out_topic, work / f"state-{uuid.uuid4().hex[:6]}",
-                          max_batch, max_wait, extra), work / f"{name}-backlog.log").start()
+    placement: Placement = ctx.get("placement") or Placement(None, None)
+    child = Child(placement.worker_prefix() + command(
+        name, ctx["bundle"], bootstrap, in_topic, out_topic, work / f"state-{uuid.uuid4().hex[:6]}", max_batch,
+        max_wait, extra), work / f"{name}-backlog.log").start()
+    prioritize(ctx.get("nice"), child.pid)
     n_total = len(events)
     t_start = time.time()
     t_first = cpu_first = None
@@ -132,68 +141,96 @@ def backlog_run(name: str, events: list[tuple[bytes, bytes]], ctx: dict[str, Any
     return r
 
 
-def paced_run(name: str, events: list[tuple[bytes, bytes]], warmup: list[tuple[bytes, bytes]], rate: float,
-              duration: float, ctx: dict[str, Any], drain_s: float = 15.0, max_batch: int = 1024,
-              max_wait: float = 0.005, extra: list[str] | None = None, warm_s: float = WARM_S) -> dict[str, Any]:
+def paced_run(name: str, events: list[tuple[bytes, bytes]] | dict[str, Any],
+              warmup: list[tuple[bytes, bytes]], rate: float, duration: float, ctx: dict[str, Any],
+              drain_s: float = 15.0, max_batch: int = 1024, max_wait: float | None = 0.005,
+              extra: list[str] | None = None, warm_s: float = WARM_S) -> dict[str, Any]:
     """The worker running and warmed up first, then events at `rate`/s for `warm_s` +
     `duration` s; latency counts the events sent in the last `duration` s (the first
     `warm_s` s at full rate let the worker reach its steady state: its first batches at a
-    new rate are slower, as the RocksDB reads of users not seen yet are)."""
+    new rate are slower, as the RocksDB reads of users not seen yet are).
+
+    The load generator and the reader are processes of their own (latency_probe.py), on
+    the harness's cores when `ctx["placement"]` pins (the worker then runs alone on its
+    core). `events`: a list, or `make_events` keyword arguments (generated by the load
+    generator itself)."""
     bootstrap, work = ctx["bootstrap"], ctx["work"]
+    placement: Placement = ctx.get("placement") or Placement(None, None)
     in_topic, out_topic = _topics(bootstrap, ctx["partitions"])
-    reader = Reader(bootstrap, out_topic)
-    child = Child(command(name, ctx["bundle"], bootstrap, in_topic, out_topic, work / f"state-{uuid.uuid4().hex[:6]}",
-                          max_batch, max_wait, extra), work / f"{name}-paced.log").start()
+    reader = OutReader(bootstrap, out_topic, placement.harness, ctx.get("reader_fetch_wait_ms", 100))
     # linger.ms 5: the default of librdkafka and of Kafka's Java producer (4.x). With 0,
     # every event went out as its own produce request and the broker, on the same two
     # cores, spent twice the CPU on them.
-    sender = Sender(bootstrap, in_topic, linger_ms=5)
+    gen = LoadGen(bootstrap, in_topic, ctx.get("linger_ms", 5), placement.harness)
+    child = Child(placement.worker_prefix() + command(
+        name, ctx["bundle"], bootstrap, in_topic, out_topic, work / f"state-{uuid.uuid4().hex[:6]}", max_batch,
+        max_wait, extra), work / f"{name}-paced.log").start()
+    prioritize(ctx.get("nice"), child.pid)
+    pids = {"worker": lambda: child.cpu_s(), "load_generator": gen.cpu_s, "reader": reader.cpu_s,
+            "broker": (lambda: common.cpu_s_of(ctx["broker_pid"])) if ctx.get("broker_pid") else (lambda: 0.0)}
     try:
-        sender.send(warmup)
+        gen.send(warmup)
         deadline = time.time() + 120
-        while len(reader.values) < len(warmup):
-            reader.poll(0.05)
+        while reader.count() < len(warmup):
+            time.sleep(0.05)
             if time.time() > deadline or not child.alive():
                 raise RuntimeError(f"{name}: warm-up outputs missing\n{child.log_tail()}")
-        reader.values.clear()
-        reader.arrived.clear()
-        sender.sent_at.clear()
-        result: dict[str, Any] = {}
-        cut = time.time() + warm_s
-        th = threading.Thread(target=lambda: result.update(sent=sender.send(events, rate, warm_s + duration)))
-        th.start()
-        cpu0 = None
-        while th.is_alive():
-            reader.poll(0.05)
-            if cpu0 is None and time.time() >= cut:
-                cpu0 = child.cpu_s()
-        n_all, send_s = result["sent"]
+        reader.clear()
+        # CPU seconds of every process over the whole paced send (warm + measured).
+        cpu0 = {k: f() for k, f in pids.items()}
+        load0 = os.getloadavg()
+        n_all, send_s, sent_at, cut, acked = gen.send(events, rate, warm_s + duration, time_from=warm_s)
+        cpu = {k: f() - cpu0[k] for k, f in pids.items()}
         deadline = time.time() + drain_s
-        while len(reader.values) < n_all and time.time() < deadline:
-            reader.poll(0.05)
-        cpu = child.cpu_s() - (cpu0 if cpu0 is not None else 0.0)
+        while reader.count() < n_all and time.time() < deadline:
+            time.sleep(0.05)
         rss = child.peak_rss_mb()
+        sources, arrived, produced = reader.stop()
     finally:
         child.stop()
+        gen.close()
         reader.close()
-    measured = {src: t for src, t in sender.sent_at.items() if t >= cut}
-    n_sent = len(measured)
-    lat = []
-    for v, t in zip(reader.values, reader.arrived, strict=True):
-        s = measured.get(common.source_of(v))
+    lat, to_out, when = [], [], []
+    for src, t, tp in zip(sources, arrived, produced, strict=True):
+        s = sent_at.get(src)
         if s is not None:
             lat.append((t - s) * 1e3)
+            to_out.append((tp - s) * 1e3)
+            when.append(s - cut)
+    n_sent = len(sent_at)
     pct = percentiles(lat)
     r = {"rate_target": rate, "warm_s": warm_s, "measured_s": duration, "sent": n_sent,
          "rate_achieved": n_all / send_s, "delivered": len(lat), "delivered_fraction": len(lat) / max(1, n_sent),
-         "latency_ms": pct, "worker_cpu_s": cpu, "worker_cpu_ms_per_event": 1e3 * cpu / max(1, len(lat)),
-         "worker_peak_rss_mb": rss,
+         "latency_ms": pct,
+         # send -> the output's producer timestamp (ms resolution): everything up to the
+         # contender handing the output to its producer; the rest is its producer, the
+         # broker and the reader's fetch.
+         "send_to_output_produced_ms": percentiles(to_out),
+         # send -> the broker's acknowledgement at the load generator (linger.ms, the broker's
+         # append; taken at the generator's next poll, about 1 ms apart).
+         "send_to_input_acked_ms": acked,
+         "per_second": _per_second(when, lat),
+         "cpu_s": cpu, "cpu_share_of_a_core": {k: v / send_s for k, v in cpu.items()},
+         "load_average_at_start": list(load0),
+         "worker_cpu_s": cpu["worker"], "worker_cpu_ms_per_event": 1e3 * cpu["worker"] / max(1, n_all),
+         "worker_peak_rss_mb": rss, "placement": placement.describe(),
          "note": None if len(lat) >= n_sent else
          f"fell behind: {n_sent - len(lat)} outputs not arrived {drain_s:.0f} s after the last send; "
          "percentiles cover the delivered ones only (a lower bound)"}
-    log.info("%-9s paced %.0f ev/s: p50 %s  p99 %s  p99.9 %s ms  (%d/%d delivered)", name, rate,
-             _f(pct["p50"]), _f(pct["p99"]), _f(pct["p999"]), len(lat), n_sent)
+    log.info("%-9s paced %.0f ev/s: p50 %s  p99 %s  p99.9 %s ms  (%d/%d delivered; cpu %s; load %.1f)", name, rate,
+             _f(pct["p50"]), _f(pct["p99"]), _f(pct["p999"]), len(lat), n_sent,
+             " ".join(f"{k} {v:.2f}" for k, v in r["cpu_share_of_a_core"].items()), load0[0])
     return r
+
+
+def _per_second(when: list[float], lat: list[float]) -> list[list[float]]:
+    """[second since the measured window began, p50, p99 ms] of the events sent in it."""
+    if not lat:
+        return []
+    sec = np.floor(np.asarray(when)).astype(int)
+    a = np.asarray(lat)
+    return [[int(s), round(float(np.quantile(a[sec == s], 0.5)), 1), round(float(np.quantile(a[sec == s], 0.99)), 1)]
+            for s in np.unique(sec)]
 
 
 def _f(x: float | None) -> str:
@@ -248,13 +285,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bootstrap", default=None, help="use this broker instead of starting one")
     p.add_argument("--out", type=Path, default=common.RESULTS / ("pipeline.json"))
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--nice", type=int, default=None,
+                   help="niceness (task and autogroup) of the benchmark and all it starts; e.g. -10 on a "
+                        "shared machine (root only; benchmarks/latency.py uses -10)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="no core placement (default: worker alone on core 0, broker + load generator + reader on 1)")
     a = p.parse_args(argv)
     configure(logging.INFO)
+    placement = Placement.default(not a.no_pin)
+    pin(placement.harness)  # before the broker starts: it inherits the harness's cores
+    prioritize(a.nice)
     n_events = a.events or (30_000 if a.quick else 100_000)
     n_users = a.users or (1000 if a.quick else 2000)
     cap_s = 15.0 if a.quick else 40.0  # time cap per backlog run (slow contenders)
     paced_s = 6.0 if a.quick else 20.0
-    load_before = list(__import__("os").getloadavg())
+    load_before = list(os.getloadavg())
     t_begin = time.time()
 
     with tempfile.TemporaryDirectory(prefix="clickvec-bench-") as tmp:
@@ -266,9 +311,11 @@ def main(argv: list[str] | None = None) -> None:
             from clickvec.devtools import broker as broker_mod
 
             broker = broker_mod.start(work / "kafka", reset=True)  # a fresh broker per run
+            prioritize(a.nice, broker.pid)  # a session (autogroup) of its own
             bootstrap = broker.bootstrap
         try:
             bundle = common.make_bundle(work)
+            pin(placement.worker)  # the model alone where the worker runs
             from clickvec.bundle.reader import load_bundle
 
             b = load_bundle(bundle, providers="cpu")
@@ -277,9 +324,12 @@ def main(argv: list[str] | None = None) -> None:
                      "params": json.loads((work / "model.json").read_text())["params"],
                      "weights": "random (cost does not depend on them)"}
             model["model_only"] = model_only(bundle)
+            pin(placement.harness)
             del b
             events = make_events(n_events, n_users, seed=1)
-            ctx = {"bootstrap": bootstrap, "work": work, "bundle": bundle, "partitions": a.partitions}
+            ctx = {"bootstrap": bootstrap, "work": work, "bundle": bundle, "partitions": a.partitions,
+                   "placement": placement, "broker_pid": broker.pid if broker is not None else None,
+                   "nice": a.nice}
             contenders: dict[str, dict[str, Any]] = {}
             for name in a.contenders:
                 contenders[name] = {"backlog": backlog_run(name, events, ctx, cap_s, a.max_batch, a.max_wait)}
@@ -312,8 +362,9 @@ def main(argv: list[str] | None = None) -> None:
         "contenders": contenders,
         "ratios": _ratios(contenders),
         "versions": common.versions(),
+        "placement": {**placement.describe(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)},
         "machine": {**common.machine_info(), "load_average_before": load_before,
-                    "note": "broker, worker, producer and reader share these cores"},
+                    "note": "broker, worker, load generator and reader share these cores (see placement)"},
         "wall_s": time.time() - t_begin,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)

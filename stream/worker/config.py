@@ -29,16 +29,22 @@ class StreamConfig:
     group: str = "clickvec-stream"
     state_dir: str = ".clickvec/state"
     max_batch: int = 1024
-    max_wait: float = 0.005  # seconds a batch may wait to fill (latency: a partly full batch waits this long)
+    # Seconds a batch may wait for more fetches to fill it. 0: a batch is what the
+    # consumer has fetched when the previous batch is done; batches still grow with the
+    # load (records arrive while a batch is applied and stored), and a partly full batch
+    # no longer waits: p50 lower by 3-10 ms than with 5 ms (benchmarks/README.md, latency).
+    max_wait: float = 0.0
     # How long the broker may hold a fetch with no new records. Faust builds its aiokafka
     # consumer with 1500 ms; while one such fetch is in flight, partitions that have new
     # records are not fetched either, so latency under steady load sat near 1.5 s.
     fetch_max_wait_ms: int = 20
     emit: str = "every"  # every | latest
-    # Batches computed ahead of the one being stored (0: one at a time). Ahead-computing
-    # takes smaller batches from Faust; on a 2-core machine 0 gives the higher backlog rate
-    # at a few ms more latency (benchmarks/README.md).
-    pipeline_depth: int = 0
+    # Batches applied ahead of the one being stored (0: one at a time). With 1, the next
+    # batch is applied while the previous one waits for its outputs' acknowledgements and
+    # its states and changelog records: at a quarter of the backlog rate p50 13-18 ms
+    # instead of 17-23 and p99 32-45 ms instead of 49-122, with no lower backlog rate
+    # (benchmarks/README.md, latency).
+    pipeline_depth: int = 1
     encoding: str = "json"  # json | f16 | i8 | avro (also --out-format; avro needs --registry)
     state_dtype: str = "f32"  # f32 | f16
     web_host: str = "127.0.0.1"
