@@ -76,7 +76,9 @@ def one(bootstrap: str, bundle_path: Path, bundle: Any, users: int, work: Path) 
     in_topic = create_topic(bootstrap, "rec-in", PARTITIONS)
     out_topic = create_topic(bootstrap, "rec-out", PARTITIONS)
     state_dir = work / f"state-{uuid.uuid4().hex[:6]}"
-    cmd = command("clickvec", bundle_path, bootstrap, in_topic, out_topic, state_dir, 1024, 0.005)
+    # At info level the worker logs what its bulk restore read (recorded below).
+    cmd = command("clickvec", bundle_path, bootstrap, in_topic, out_topic, state_dir, 1024, 0.005,
+                  ["--loglevel", "info"])
     group = cmd[cmd.index("--group") + 1]
     changelog = f"{group}-user-state-changelog"
     admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -107,9 +109,11 @@ def one(bootstrap: str, bundle_path: Path, bundle: Any, users: int, work: Path) 
     disk = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file())
     text = child.log_path.read_text(errors="replace")
     holes = text.count("never delivered") + text.count("not delivered by the consumer")
+    restores = [line.split("changelog restore: ", 1)[1] for line in text.splitlines() if "changelog restore: " in line]
+    faust_reads = text.count("Restoring state from changelog topics")
     r = {"users": users, "changelog_fill_s": fill_s, "start_to_first_vectors_s": ready_s,
          "worker_peak_rss_mb": rss, "rocksdb_dir_mb": disk / 2**20, "probe_seq": seqs[0],
-         "holes_read_back": holes}
+         "holes_read_back": holes, "bulk_restore_log": restores, "faust_recovery_reads": faust_reads}
     log.info("%s", r)
     return r
 

@@ -35,11 +35,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
-from rocksdict import WriteBatch
+from rocksdict import WriteBatch, WriteOptions
 
 from clickvec.kafka import PARTITION_EOF
 
 log = logging.getLogger(__name__)
+
+# While a restore writes a database, RocksDB does not compact it (compaction would
+# rewrite what the restore is still writing, on the same cores; measured: 1M users in
+# 15.7-15.8 s against 18.7-21.8 s with it, benchmarks/README.md). Its L0 write stall
+# triggers go up meanwhile (with compaction off, the stop trigger would stop the writes for
+# good); a database whose L0 reaches L0_CAP files is compacted again during the restore.
+# Afterwards the options are set back to RocksDB's defaults, which Faust opens with.
+RESTORING = {"disable_auto_compactions": "true", "level0_slowdown_writes_trigger": "1000",
+             "level0_stop_writes_trigger": "1000"}
+RESTORED = {"disable_auto_compactions": "false", "level0_slowdown_writes_trigger": "20",
+            "level0_stop_writes_trigger": "36"}
+L0_CAP = 48
 
 # Records per `consume` call: one call's records make one WriteBatch per partition. Large
 # enough that the per-call costs vanish, small enough (about 20 MB of 1 KB states) that a
@@ -56,6 +68,8 @@ class RestoreResult:
     records: int = 0
     seconds: float = 0.0
     complete: bool = True  # every span read to its end
+    fetch_wait_s: float = 0.0  # waiting for `consume` (the fetches, or records not yet there)
+    write_s: float = 0.0  # RocksDB writes of the batches
 
     @property
     def rate(self) -> float:
@@ -71,6 +85,8 @@ class ChangelogRestorer:
         self.topic = topic
         self.offset_key = offset_key
         self.chunk = chunk
+        self._no_wal = WriteOptions()
+        self._no_wal.disable_wal = True
 
     def _consumer(self) -> Consumer:
         return Consumer({
@@ -85,19 +101,31 @@ class ChangelogRestorer:
             "fetch.wait.max.ms": 50,
             "fetch.max.bytes": 64 << 20,
             "max.partition.fetch.bytes": 16 << 20,
-            "queued.max.messages.kbytes": 256 << 10,
+            # Prefetch at most 64 MB, and fetch again as soon as the queue has room
+            # (librdkafka's default waits a second once the queue was full).
+            "queued.max.messages.kbytes": 64 << 10,
+            "fetch.queue.backoff.ms": 10,
         })
 
     async def restore(self, spans: dict[int, tuple[int, int]], db_for: Callable[[int], Any],
                       keep_going: Callable[[], bool], deadline: float) -> RestoreResult:
         """Apply changelog offsets first..last (inclusive) of each partition in `spans`
         to `db_for(partition)`. Stops before writing a chunk when `keep_going()` is
-        false, and after the chunk in progress at `deadline` (time.monotonic())."""
+        false, and after the chunk in progress at `deadline` (time.monotonic()).
+
+        A chunk is fetched and turned into WriteBatches on a thread of its own while
+        the one before it is written on the event loop (librdkafka and RocksDB release
+        the GIL while they work)."""
         result = RestoreResult()
         pending = {p: last for p, (first, last) in spans.items() if last >= first}
         if not pending:
             return result
         t0 = time.monotonic()
+        # The databases as open now (the writes stop with the generation, before Faust
+        # could reopen one): flushed and set back below whatever stops the restore.
+        dbs = {p: db_for(p) for p in pending}
+        for db in dbs.values():
+            db.set_options(RESTORING)
         consumer = self._consumer()
         # One thread: the consumer's calls (consume, then close) run one after the other
         # even when this coroutine is cancelled while a consume is in flight.
@@ -105,32 +133,66 @@ class ChangelogRestorer:
         loop = asyncio.get_running_loop()
         try:
             consumer.assign([TopicPartition(self.topic, p, spans[p][0]) for p in pending])
-            while pending:
-                if time.monotonic() > deadline:
-                    result.complete = False
-                    break
-                msgs = await loop.run_in_executor(pool, consumer.consume, self.chunk, 0.5)
+            next_chunk = loop.run_in_executor(pool, self._fetch, consumer, pending)
+            while True:
+                t = time.monotonic()
+                chunk = await next_chunk
+                result.fetch_wait_s += time.monotonic() - t
                 if not keep_going():
                     result.complete = False
                     break
-                finished = self._apply(msgs, pending, db_for, result)
-                if finished:
-                    consumer.pause([TopicPartition(self.topic, p) for p in finished])
+                more = bool(pending) and time.monotonic() <= deadline
+                if more:  # pending: changed by `_fetch` only, which is not running now
+                    next_chunk = loop.run_in_executor(pool, self._fetch, consumer, pending)
+                self._write(chunk, dbs, result)
+                if not more:
+                    result.complete = not pending
+                    break
         finally:
+            self._done(dbs)
             pool.submit(consumer.close)
             pool.shutdown(wait=False)
             result.seconds = time.monotonic() - t0
         return result
 
-    def _apply(self, msgs: list[Any], pending: dict[int, int], db_for: Callable[[int], Any],
-               result: RestoreResult) -> list[int]:
-        """Write one `consume` call's records (one WriteBatch per partition, its last
-        offset in it); returns the partitions whose span is now complete."""
+    @staticmethod
+    def _done(dbs: dict[int, Any]) -> None:
+        """Make the restore's writes durable before anything else writes the databases,
+        and compact them again.
+
+        The restore writes without RocksDB's write-ahead log (each record would
+        otherwise be written twice): a crash loses the writes still in the memtables,
+        which are the newest, with the persisted offset written with them, so what
+        survives is a prefix of the changelog with its offset. Flushing the memtables here,
+        before the worker or Faust writes again (with the log), keeps that so."""
+        for db in dbs.values():
+            db.flush(True)
+            db.set_options(RESTORED)
+
+    def _write(self, chunk: tuple[dict[int, Any], dict[int, int], int], dbs: dict[int, Any],
+               result: RestoreResult) -> None:
+        """Write one chunk's WriteBatches, each with its partition's last offset."""
+        batches, last, n = chunk
+        t = time.monotonic()
+        for p, wb in batches.items():
+            wb.put(self.offset_key, str(last[p]).encode())  # Faust's persisted offset, atomically
+            db = dbs[p]
+            db.write(wb, self._no_wal)
+            result.applied[p] = last[p]
+            if db.property_int_value("rocksdb.num-files-at-level0") >= L0_CAP:
+                db.set_options(RESTORED)
+        result.write_s += time.monotonic() - t
+        result.records += n
+
+    def _fetch(self, consumer: Consumer, pending: dict[int, int]) -> tuple[dict[int, Any], dict[int, int], int]:
+        """One `consume` call's records as one WriteBatch per partition (in the restore's
+        thread): the batches, each partition's last offset, the number of records.
+        Partitions whose span is complete leave `pending` and are paused."""
         batches: dict[int, Any] = {}
         last: dict[int, int] = {}
         finished: list[int] = []
         n = 0
-        for m in msgs:
+        for m in consumer.consume(self.chunk, 0.5):
             p = m.partition()
             end = pending.get(p)
             err = m.error()
@@ -167,9 +229,6 @@ class ChangelogRestorer:
             if off == end:
                 del pending[p]
                 finished.append(p)
-        for p, wb in batches.items():
-            wb.put(self.offset_key, str(last[p]).encode())  # Faust's persisted offset, atomically
-            db_for(p).write(wb)
-            result.applied[p] = last[p]
-        result.records += n
-        return finished
+        if finished:
+            consumer.pause([TopicPartition(self.topic, p) for p in finished])
+        return batches, last, n

@@ -159,8 +159,9 @@ def install_restore(app: Any, table: Any, client_config: dict[str, Any]) -> Chan
     async def restore(spans: dict[int, tuple[int, int]], keep_going: Any, deadline: float) -> dict[int, int]:
         want = sum(last - first + 1 for first, last in spans.values())
         r = await restorer.restore(spans, db_for, keep_going, deadline)
-        log.info("changelog restore: %d records in %.2f s (%.0f/s) of %d offsets to read, partitions %s%s",
-                 r.records, r.seconds, r.rate, want, sorted(spans),
+        log.info("changelog restore: %d records in %.2f s (%.0f/s; %.2f s waiting for fetches, %.2f s RocksDB "
+                 "writes) of %d offsets to read, partitions %s%s",
+                 r.records, r.seconds, r.rate, r.fetch_wait_s, r.write_s, want, sorted(spans),
                  "" if r.complete else "; stopped early, Faust's recovery reads the rest")
         return r.applied
 
