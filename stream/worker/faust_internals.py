@@ -374,11 +374,9 @@ def restore_before_recovery(app: Any, table: Any, restore: BulkRestore) -> None:
             return
         start = time.monotonic()
         highwaters = recovery.active_highwaters  # Faust's: the last offset (high watermark - 1)
+        # Every active partition, those with nothing to read too (restore.py logs them).
         spans = {tp.partition: (destination[tp] + 1, highwaters[tp]) for tp in tps
-                 if tp.topic == topic and destination.get(tp) is not None and highwaters.get(tp) is not None
-                 and highwaters[tp] > destination[tp]}
-        if not spans:
-            return
+                 if tp.topic == topic and destination.get(tp) is not None and highwaters.get(tp) is not None}
         generation = app.consumer_generation_id
 
         def keep_going() -> bool:

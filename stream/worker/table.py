@@ -157,7 +157,7 @@ def install_restore(app: Any, table: Any, client_config: dict[str, Any]) -> Chan
         return faust_internals.db_for_partition(table, partition)
 
     async def restore(spans: dict[int, tuple[int, int]], keep_going: Any, deadline: float) -> dict[int, int]:
-        want = sum(last - first + 1 for first, last in spans.values())
+        want = sum(max(0, last - first + 1) for first, last in spans.values())
         r = await restorer.restore(spans, db_for, keep_going, deadline)
         log.info("changelog restore: %d records in %.2f s (%.0f/s; %.2f s waiting for fetches, %.2f s RocksDB "
                  "writes) of %d offsets to read, partitions %s%s",
