@@ -7,7 +7,9 @@ one event for each of a few probe users, and a `clickvec stream` worker started 
 processes anything, so the time until the probe users' vectors arrive, minus the same
 time with an empty changelog, is the recovery time. Each probe vector must carry
 `seq` = stored seq + 1: the recovered state was used. Also reported: the worker's peak
-RSS and the size of the rebuilt RocksDB directory.
+RSS, the size of the rebuilt RocksDB directory, what the worker's bulk restore logged
+(records, seconds, time waiting for fetches and in RocksDB writes; absent from workers
+before it existed) and whether Faust's own changelog reader still had records to read.
 
     .venv/bin/python -m benchmarks.recovery [--users 10000 100000 1000000] [--bootstrap HOST:PORT]
 """

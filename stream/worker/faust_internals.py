@@ -383,10 +383,26 @@ def restore_before_recovery(app: Any, table: Any, restore: BulkRestore) -> None:
             return (app.consumer_generation_id == generation and not recovery.signal_recovery_start.is_set()
                     and not recovery.should_stop)
 
+        # Faust's changelog reader keeps running beside the restore, and applies what it
+        # takes from its queue later, in buffers. Events it took already are applied now,
+        # before the restore writes newer ones; the queue's events were fetched before the
+        # rebalance (Faust drops them too, when the flow resumes).
+        recovery.flush_buffers()
+        app.tables.changelog_queue.clear()
         applied = await restore(spans, keep_going, start + budget)
         for partition, offset in applied.items():
             tp = TP(topic, partition)
             if offset > destination[tp]:
                 destination[tp] = offset
+        _drop_restored(recovery, topic, applied)
 
     recovery._build_offsets = build_then_restore
+
+
+def _drop_restored(recovery: Any, topic: str, applied: dict[int, int]) -> None:
+    """Drop the changelog events Faust's reader took while the restore ran (one still on
+    its way into the queue when the rebalance began) that the restore has applied: they
+    are older than what it wrote after them, and would otherwise be applied over it."""
+    for buf in recovery.buffers.values():
+        buf[:] = [e for e in buf if e.message.topic != topic
+                  or e.message.offset > applied.get(e.message.partition, -1)]

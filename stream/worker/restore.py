@@ -148,6 +148,9 @@ class ChangelogRestorer:
                 if not more:
                     result.complete = not pending
                     break
+        except Exception as exc:  # noqa: BLE001 - Faust's own reader then reads the rest
+            log.warning("changelog restore stopped: %s; Faust's recovery reads what it did not", exc)
+            result.complete = False
         finally:
             self._done(dbs)
             pool.submit(consumer.close)
