@@ -26,6 +26,7 @@ the high watermark Faust read for them, and a record past it is left to Faust.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import uuid
@@ -129,6 +130,11 @@ class ChangelogRestorer:
         for db in dbs.values():
             db.set_options(RESTORING)
         consumer = self._consumer()
+        # Each `consume` call makes `chunk` Message objects, which the cyclic garbage
+        # collector tracks and walks (11 % of the restore's samples in a 1M-user
+        # profile) though they never form cycles: it is paused while the restore runs.
+        collecting = gc.isenabled()
+        gc.disable()
         # One thread: the consumer's calls (consume, then close) run one after the other
         # even when this coroutine is cancelled while a consume is in flight.
         pool = ThreadPoolExecutor(1, thread_name_prefix="clickvec-restore")
@@ -154,6 +160,8 @@ class ChangelogRestorer:
             log.warning("changelog restore stopped: %s; Faust's recovery reads what it did not", exc)
             result.complete = False
         finally:
+            if collecting:
+                gc.enable()
             self._done(dbs)
             pool.submit(consumer.close)
             pool.shutdown(wait=False)
