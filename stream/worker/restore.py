@@ -141,7 +141,8 @@ class ChangelogRestorer:
         loop = asyncio.get_running_loop()
         try:
             consumer.assign([TopicPartition(self.topic, p, spans[p][0]) for p in pending])
-            next_chunk = loop.run_in_executor(pool, self._fetch, consumer, pending)
+            expect = {p: spans[p][0] for p in pending}  # the next offset to read
+            next_chunk = loop.run_in_executor(pool, self._fetch, consumer, pending, expect)
             while True:
                 t = time.monotonic()
                 chunk = await next_chunk
@@ -151,7 +152,7 @@ class ChangelogRestorer:
                     break
                 more = bool(pending) and time.monotonic() <= deadline
                 if more:  # pending: changed by `_fetch` only, which is not running now
-                    next_chunk = loop.run_in_executor(pool, self._fetch, consumer, pending)
+                    next_chunk = loop.run_in_executor(pool, self._fetch, consumer, pending, expect)
                 self._write(chunk, dbs, result)
                 if not more:
                     result.complete = not pending
@@ -197,15 +198,21 @@ class ChangelogRestorer:
         result.write_s += time.monotonic() - t
         result.records += n
 
-    def _fetch(self, consumer: Consumer, pending: dict[int, int]) -> tuple[dict[int, Any], dict[int, int], int]:
+    def _fetch(self, consumer: Consumer, pending: dict[int, int], expect: dict[int, int]
+               ) -> tuple[dict[int, Any], dict[int, int], int]:
         """One `consume` call's records as one WriteBatch per partition (in the restore's
         thread): the batches, each partition's last offset, the number of records.
-        Partitions whose span is complete leave `pending` and are paused."""
+        Partitions whose span is complete leave `pending` and are paused.
+
+        It asks for no more records than the spans have left (`expect`: each partition's
+        next offset): `consume` waits for as many as it is asked for, up to its timeout,
+        so the last call of a restore would otherwise wait the whole timeout."""
         batches: dict[int, Any] = {}
         last: dict[int, int] = {}
         finished: list[int] = []
         n = 0
-        for m in consumer.consume(self.chunk, 0.5):
+        left = sum(end - expect[p] + 1 for p, end in pending.items())
+        for m in consumer.consume(max(1, min(self.chunk, left)), 0.5):
             p = m.partition()
             end = pending.get(p)
             err = m.error()
@@ -238,6 +245,7 @@ class ChangelogRestorer:
             else:
                 wb.put(m.key(), value)
             last[p] = off
+            expect[p] = off + 1
             n += 1
             if off == end:
                 del pending[p]
