@@ -26,7 +26,7 @@ from clickvec.stream.worker.feed import BatchFeed
 from clickvec.stream.worker.metrics import Metrics
 from clickvec.stream.worker.pipeline import Pipeline, fail_stopping
 from clickvec.stream.worker.sink import Sink
-from clickvec.stream.worker.table import TABLE_NAME, TableStore
+from clickvec.stream.worker.table import TABLE_NAME, TableStore, install_restore
 from clickvec.stream.worker.views import Views
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _faust_app(cfg: StreamConfig, partitions: int, replicas: int) -> faust.App:
         web_host=cfg.web_host,
         web_bind=cfg.web_host,
         web_port=cfg.web_port,
-        table_standby_replicas=0,
+        table_standby_replicas=cfg.standby_replicas,
         producer_linger_ms=2,
         topic_allow_declare=True,
     )
@@ -130,6 +130,8 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
                  "write_buffer_size": cfg.rocksdb_write_buffer_mb << 20,
                  "max_write_buffer_number": 2},
     )
+
+    install_restore(app, table, cfg.librdkafka())
 
     async def passed(partition: int, start: int, end: int) -> None:
         # Faust never saw these offsets: count them as done so its commits pass them.

@@ -56,6 +56,10 @@ class StreamConfig:
     # the group's session timeout; Faust's default is 60 s.
     session_timeout: float = 15.0
     replication_factor: int = 0  # of the changelog topic; 0: min(3, brokers in the cluster)
+    # Workers that keep a standby copy of each state partition (Faust's
+    # table_standby_replicas): on a failover or scale-out the new owner reads only the
+    # changelog records its copy lacks instead of the whole partition.
+    standby_replicas: int = 0
     rocksdb_block_cache_mb: int = 64
     rocksdb_write_buffer_mb: int = 16
     # Standard Kafka client security (applied to every client the worker makes).
@@ -170,6 +174,8 @@ def resolve(args: argparse.Namespace | None = None, env: dict[str, str] | None =
         raise ValueError("state_dtype must be f32 or f16")
     if cfg.state_ttl:
         parse_duration_ms(cfg.state_ttl)
+    if cfg.standby_replicas < 0:
+        raise ValueError("standby_replicas must be >= 0")
     if cfg.state_ttl_scan < 1:
         raise ValueError("state_ttl_scan must be >= 1")
     if cfg.latest_topic and cfg.latest_topic in (cfg.in_topic, cfg.out_topic, cfg.dlq_topic):

@@ -3,7 +3,8 @@
 The worker reaches past Faust's public API in a few places (feed.py and table.py say
 why): it replaces the consumer's drain loop, ties its batches into the consumer's offset
 bookkeeping, writes the table's RocksDB databases directly, tells the consumer about
-offsets read back from the brokers, and sets the aiokafka consumer's fetch max wait.
+offsets read back from the brokers, sets the aiokafka consumer's fetch max wait, and
+runs the worker's bulk restore of the table (restore.py) inside Faust's recovery.
 The code that does so lives here and nowhere else (ruff's SLF001 rule enforces it).
 
 Private attributes change without notice: pyproject.toml pins the faust-streaming and
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.consumer.fetcher import Fetcher as AIOKafkaFetcher
 from faust.stores.rocksdb import Store as RocksDBStore
+from faust.tables.recovery import Recovery
 from faust.transport.consumer import ack_lock
 from faust.types import TP
 
@@ -68,6 +71,8 @@ def missing_internals(consumer: Any, store_class: type = RocksDBStore,
         if thread is not None and not hasattr(thread, name):
             gaps.append(f"{type(thread).__name__}.{name}")
     gaps += [f"{cls.__name__}.{name}" for cls, name in fetch_classes if not _assigned_in_init(cls, name)]
+    if not hasattr(Recovery, "_build_offsets"):
+        gaps.append("Recovery._build_offsets")
     if not hasattr(store_class, "_db_for_partition"):
         gaps.append(f"{store_class.__name__}._db_for_partition")
     elif not _assigned_in_init(store_class, "_dbs"):  # (a store without the first lacks both)
@@ -338,3 +343,66 @@ def _close_tolerating_backoff(fetcher: Any, close: Callable[[], Awaitable[None]]
             log.info("consumer stopped with %d fetches cancelled in their retry backoff", len(pending))
 
     return close_tolerating_backoff
+
+
+# -- table recovery (restore.py) ----------------------------------------------------------------
+
+# What a bulk restore gets: per changelog partition (first, last) offsets to apply, a
+# check that the rebalance it runs for is still current, and a time.monotonic() deadline;
+# it returns per partition the last offset it wrote (with the persisted offset).
+BulkRestore = Callable[[dict[int, tuple[int, int]], Callable[[], bool], float], Awaitable[dict[int, int]]]
+
+
+def restore_before_recovery(app: Any, table: Any, restore: BulkRestore) -> None:
+    """Run `restore` for the table's active changelog partitions each time Faust's
+    recovery has read their offsets (the persisted ones) and high watermarks, before it
+    seeks its consumer there; the offsets `restore` reached become Faust's start, so its
+    own reader only reads what is left (nothing when the restore completed).
+
+    The hook wraps `Recovery._build_offsets` for the active partitions (after the high
+    watermarks, before the seek). Faust runs that step under `broker_request_timeout`
+    and stops its recovery service when a step overruns, so the restore gets at most 3/4
+    of it; what it leaves, Faust reads as before."""
+    recovery = app.tables.recovery
+    build = recovery._build_offsets
+    topic = table.changelog_topic.get_topic_name()
+    budget = 0.75 * float(app.conf.broker_request_timeout)
+
+    async def build_then_restore(consumer: Any, tps: Any, destination: Any, title: str) -> None:
+        await build(consumer, tps, destination, title)
+        if title != "active":
+            return
+        start = time.monotonic()
+        highwaters = recovery.active_highwaters  # Faust's: the last offset (high watermark - 1)
+        # Every active partition, those with nothing to read too (restore.py logs them).
+        spans = {tp.partition: (destination[tp] + 1, highwaters[tp]) for tp in tps
+                 if tp.topic == topic and destination.get(tp) is not None and highwaters.get(tp) is not None}
+        generation = app.consumer_generation_id
+
+        def keep_going() -> bool:
+            return (app.consumer_generation_id == generation and not recovery.signal_recovery_start.is_set()
+                    and not recovery.should_stop)
+
+        # Faust's changelog reader keeps running beside the restore, and applies what it
+        # takes from its queue later, in buffers. Events it took already are applied now,
+        # before the restore writes newer ones; the queue's events were fetched before the
+        # rebalance (Faust drops them too, when the flow resumes).
+        recovery.flush_buffers()
+        app.tables.changelog_queue.clear()
+        applied = await restore(spans, keep_going, start + budget)
+        for partition, offset in applied.items():
+            tp = TP(topic, partition)
+            if offset > destination[tp]:
+                destination[tp] = offset
+        _drop_restored(recovery, topic, applied)
+
+    recovery._build_offsets = build_then_restore
+
+
+def _drop_restored(recovery: Any, topic: str, applied: dict[int, int]) -> None:
+    """Drop the changelog events Faust's reader took while the restore ran (one still on
+    its way into the queue when the rebalance began) that the restore has applied: they
+    are older than what it wrote after them, and would otherwise be applied over it."""
+    for buf in recovery.buffers.values():
+        buf[:] = [e for e in buf if e.message.topic != topic
+                  or e.message.offset > applied.get(e.message.partition, -1)]

@@ -15,6 +15,7 @@ from rocksdict import WriteBatch
 
 from clickvec.kafka import produce_waiting
 from clickvec.stream.worker import faust_internals
+from clickvec.stream.worker.restore import ChangelogRestorer
 from clickvec.stream.worker.sink import DeliveryError, reliable_producer
 from clickvec.stream.worker.state import last_ts_of
 from clickvec.stream.worker.store import Record, StateStore
@@ -144,6 +145,28 @@ class TableStore(StateStore):
         offsets, self._offsets = self._offsets, {}
         for partition, offset in offsets.items():
             self.table.data.set_persisted_offset(TP(self.topic, partition), offset)
+
+
+def install_restore(app: Any, table: Any, client_config: dict[str, Any]) -> ChangelogRestorer:
+    """Bulk-restore the table's active changelog partitions at each rebalance before
+    Faust's recovery reads them (restore.py says how and why); logs what each restore
+    read, which is how a takeover by a standby shows it needed no full restore."""
+    restorer = ChangelogRestorer(client_config, table.changelog_topic.get_topic_name(), table.data.offset_key)
+
+    def db_for(partition: int) -> Any:
+        return faust_internals.db_for_partition(table, partition)
+
+    async def restore(spans: dict[int, tuple[int, int]], keep_going: Any, deadline: float) -> dict[int, int]:
+        want = sum(max(0, last - first + 1) for first, last in spans.values())
+        r = await restorer.restore(spans, db_for, keep_going, deadline)
+        log.info("changelog restore: %d records in %.2f s (%.0f/s; %.2f s waiting for fetches, %.2f s RocksDB "
+                 "writes) of %d offsets to read, partitions %s%s",
+                 r.records, r.seconds, r.rate, r.fetch_wait_s, r.write_s, want, sorted(spans),
+                 "" if r.complete else "; stopped early, Faust's recovery reads the rest")
+        return r.applied
+
+    faust_internals.restore_before_recovery(app, table, restore)
+    return restorer
 
 
 def scan_expired(db: Any, after: bytes | None, cutoff_ts: int, budget: int
