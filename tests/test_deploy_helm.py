@@ -156,6 +156,7 @@ def test_worker_statefulset(variant: str) -> None:
         f"CLICKVEC_{f.upper()}" for f in worker_fields()}
     assert unknown <= {"CLICKVEC_STANDBY_REPLICAS"}, unknown
     assert ("CLICKVEC_STANDBY_REPLICAS" in plain) == ("worker.standbyReplicas" in values)
+    assert cfg.standby_replicas == int(values.get("worker.standbyReplicas", 0))
     # disruption budget and the headless service select these pods
     pdb = _one(objs, "PodDisruptionBudget", "-worker")
     assert _labels_select(pdb["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"])
