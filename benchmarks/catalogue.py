@@ -42,6 +42,36 @@ log = logging.getLogger("catalogue")
 BATCHES = (64, 1024, 8192)
 
 
+def resized_run(run: str, n_items: int, out: Path, seed: int = 0) -> Path:
+    """The run's checkpoint grown to `n_items` hash buckets: each new item a copy of a
+    random trained item's embedding (plus noise of a tenth of the embeddings' spread) and
+    bias, so the catalogue keeps the trained one's structure (topics, popularity spread) at
+    a size the synthetic generator cannot train in minutes."""
+    import torch
+
+    from clickvec.features import FeatureSpec
+    from clickvec.training.checkpoint import load_checkpoint, save_checkpoint
+    from clickvec.training.model import Encoder, ModelConfig
+
+    model, spec, payload = load_checkpoint(run)
+    sd = model.state_dict()
+    emb, bias = sd["item_emb.weight"], sd["item_bias"]
+    rng = np.random.default_rng(seed)
+    n_old = emb.shape[0]
+    src = torch.as_tensor(rng.integers(2, n_old, n_items + 2 - n_old))
+    noise = torch.as_tensor(rng.standard_normal((len(src), emb.shape[1])), dtype=emb.dtype) * emb[2:].std() * 0.1
+    sd["item_emb.weight"] = torch.cat([emb, emb[src] + noise])
+    sd["item_bias"] = torch.cat([bias, bias[src]])
+    big_spec = FeatureSpec(hash_buckets=n_items)
+    cfg = {**model.cfg.to_dict(), "n_items": big_spec.n_items}
+    big = Encoder(ModelConfig(**cfg))
+    big.load_state_dict(sd)
+    tc = {**payload.get("train_config", {}), "resized_from": str(run), "resized_items": n_items}
+    save_checkpoint(out / "best.pt", big.eval(), big_spec, tc)
+    del spec
+    return out
+
+
 def synthetic_users(payload: dict[str, Any], n_items: int, users: int) -> Any:
     """A synthetic event table from the generator settings the run was trained with."""
     from clickvec.training.data import synthetic_table
@@ -151,7 +181,9 @@ def worker_runs(bundles: dict[str, dict[str, Any]], load: list[tuple[bytes, byte
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", action="append", required=True, help="NAME=RUN_DIR (repeat)")
+    p.add_argument("--run", action="append", required=True,
+                   help="NAME=RUN_DIR[:N_ITEMS][@APPROX] (repeat): N_ITEMS resizes the run to N hash "
+                        "buckets; APPROX overrides --approx for this run")
     p.add_argument("--approx", default="approx", help="the --surprise value of the cheap mode")
     p.add_argument("--users", type=int, default=300, help="users whose sequences score the error")
     p.add_argument("--max-len", type=int, default=60)
@@ -179,10 +211,17 @@ def main(argv: list[str] | None = None) -> None:
         try:
             for spec_arg in a.run:
                 name, _, run = spec_arg.partition("=")
-                model, spec, payload = load_checkpoint(run)
+                run, _, approx = run.partition("@")
+                run, _, resize = run.partition(":")
+                # sequences encoded with the trained vocabulary: a resized model keeps the
+                # trained rows first, so they score as the trained model's users would
+                _, spec, payload = load_checkpoint(run)
+                if resize:
+                    run = str(resized_run(run, int(resize), work / f"run-{name}"))
+                model = load_checkpoint(run)[0]
                 n_items = model.cfg.n_items
                 del model
-                bundles = export_pair(Path(run), work / name, a.approx)
+                bundles = export_pair(Path(run), work / name, approx or a.approx)
                 table = synthetic_users(payload, n_items, max(a.users, 2000))
                 seqs = sequences(table, spec, a.max_len)[: a.users]
                 entry: dict[str, Any] = {"run": run, "n_items": n_items,
