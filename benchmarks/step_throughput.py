@@ -57,10 +57,14 @@ def time_batch(bundle, B: int, rng: np.random.Generator, min_seconds: float, min
     bundle.step(items, types, gaps, lengths, h, c)  # first call at this shape
     lat = []
     start = time.perf_counter()
+    # CPU seconds of this process too: with one ORT thread they are the step's own cost,
+    # which other load on a shared machine stretches far less than the wall clock
+    cpu0 = time.process_time()
     while len(lat) < min_calls or time.perf_counter() - start < min_seconds:
         t0 = time.perf_counter()
         bundle.step(items, types, gaps, lengths, h, c)
         lat.append(time.perf_counter() - t0)
+    cpu = time.process_time() - cpu0
     lat_a = np.array(lat)
     med = float(np.median(lat_a))
     return {
@@ -70,6 +74,7 @@ def time_batch(bundle, B: int, rng: np.random.Generator, min_seconds: float, min
         "latency_ms_p95": float(np.quantile(lat_a, 0.95)) * 1e3,
         "user_steps_per_s": B / med,
         "user_steps_per_s_mean": B * len(lat) / float(lat_a.sum()),
+        "cpu_us_per_user_step": 1e6 * cpu / (B * len(lat)),
     }
 
 

@@ -13,7 +13,8 @@ exact and estimates only log Z:
          w_i = exp(b_i), cluster c contributes
              log W_c + q . mu_c + min(1/2 q' S_c q, |q| R_c)
          W_c the summed weights, mu_c and S_c the weighted mean and covariance (S_c kept
-         as its top r eigenpairs), R_c the largest distance of a member from mu_c. The
+         as its top r eigenpairs plus the mean variance of the other directions; r = 0:
+         that mean variance alone), R_c the largest distance of a member from mu_c. The
          first two terms are Jensen's lower bound of the cluster's log-sum-exp, the third
          its second-order (Gaussian) correction, capped by the bound that no member's
          logit exceeds q . mu_c + |q| R_c: the estimate stays within those two bounds.
@@ -36,14 +37,19 @@ import numpy as np
 from clickvec.errors import ClickvecError
 
 MODES = ("auto", "exact", "approx")
-# `auto`: exact up to this many items, approx above. At 20k items the exact item softmax is
-# already most of a step at large batches but the approximation's own fixed cost is a
-# third of it; at 50k it is several times dearer (benchmarks/README.md). Every bundle made
-# before this option has far fewer items, so `auto` leaves them exact and unchanged.
+# `auto`: exact up to this many items, approx above. Every bundle this project has made
+# stays exact (synthetic catalogues of 1-5k items; the real-data runs, Amazon Beauty 12,070
+# and Sports 18,286 items), so re-exporting one changes nothing an alert threshold was set
+# on; above 50k the exact item term costs over 20x the approximation's per user-step (8.6x
+# at 20k, 77x at 200k: benchmarks/README.md, "Surprise and the catalogue").
 AUTO_EXACT_MAX_ITEMS = 50_000
+# Defaults measured on a trained catalogue grown to 200k items (benchmarks/README.md,
+# "Surprise and the catalogue"): 2,048 clusters bring the error's p99 from 2.5 nats (512
+# clusters) to 0.11; rank 0 (isotropic spread only) beats ranks 1-4 there, because a
+# cluster that merges two groups of items has a spread the top eigenvectors overstate.
 DEFAULT_HEAD = 512
-DEFAULT_CLUSTERS = 512
-DEFAULT_RANK = 4
+DEFAULT_CLUSTERS = 2048
+DEFAULT_RANK = 0
 
 # The nodes of export/graph.py's `_surprise` that compute log p(item_t | z_prev) from
 # `query`, by output name; `approximate_graph` replaces them, and the output they end in.
@@ -107,7 +113,7 @@ def tail_tables(emb: np.ndarray, bias: np.ndarray, mode: SurpriseMode, seed: int
     n, dim = emb.shape
     order = np.argsort(-bias, kind="stable")
     head, tail = order[: mode.head], order[mode.head :]
-    km = faiss.Kmeans(dim, mode.clusters, niter=20, seed=seed + 1, verbose=False, max_points_per_centroid=512)
+    km = faiss.Kmeans(dim, mode.clusters, niter=20, seed=seed + 1, verbose=False, max_points_per_centroid=64)
     km.train(emb[tail])
     _, assign = km.index.search(emb[tail], 1)
     assign = assign[:, 0]
