@@ -143,19 +143,21 @@ def tail_tables(emb: np.ndarray, bias: np.ndarray, mode: SurpriseMode, seed: int
         radius.append(np.sqrt((d * d).sum(1).max()))
     k = len(mu)
     f32 = np.float32
-    return {
+    out = {
         "sa_head_embT": np.ascontiguousarray(emb[head].T, f32),  # (Ei, K)
         "sa_head_bias": bias[head].astype(f32),  # (K,)
         "sa_mu_T": np.ascontiguousarray(np.array(mu).T, f32),  # (Ei, C)
         "sa_logw": np.array(logw, f32),  # (C,)
-        "sa_v": np.ascontiguousarray(np.concatenate(vec, axis=1), f32),  # (Ei, C * r), cluster-major
-        "sa_half_lam": np.array(lam, f32).reshape(k, rank),  # (C, r)
         "sa_radius": np.array(radius, f32),  # (C,)
         "sa_half_rest": np.array(rest, f32),  # (C,)
-        "sa_cr": np.array([k, rank], np.int64),
         "sa_axis2": np.array([2], np.int64),
-        "sa_axis3": np.array([3], np.int64),
+        "sa_first": np.array(0, np.int64),
     }
+    if rank:  # the top directions' tables; rank 0 uses the isotropic term alone
+        out.update(sa_v=np.ascontiguousarray(np.concatenate(vec, axis=1), f32),  # (Ei, C * r), cluster-major
+                   sa_half_lam=np.array(lam, f32).reshape(k, rank),  # (C, r)
+                   sa_cr=np.array([k, rank], np.int64), sa_axis3=np.array([3], np.int64))
+    return out
 
 
 def _node(op: str, inputs: list[str], output: str, **attrs: Any) -> Any:
@@ -210,7 +212,12 @@ def _approx_nodes(item_input: str, rank: int) -> list[Any]:
         _node("Add", ["sa_head_mm", "sa_head_bias"], "sa_head"),  # (T, B, K)
         *_tail_nodes(rank),
         _node("Concat", ["sa_head", "sa_tail"], "sa_parts", axis=2),  # (T, B, K + C)
-        _node("ReduceLogSumExp", ["sa_parts"], "sa_logz", axes=[2], keepdims=0),  # (T, B)
+        # log Z = x_0 - log_softmax(x)_0: ORT's LogSoftmax is vectorised, its ReduceLogSumExp
+        # is not (13.7 vs 24.9 us CPU a user-step at 20k items, B = 64, same figures)
+        _node("LogSoftmax", ["sa_parts"], "sa_parts_lsm", axis=2),
+        _node("Gather", ["sa_parts", "sa_first"], "sa_part0", axis=2),  # (T, B)
+        _node("Gather", ["sa_parts_lsm", "sa_first"], "sa_part0_lsm", axis=2),
+        _node("Sub", ["sa_part0", "sa_part0_lsm"], "sa_logz"),
         _node("Sub", ["sa_logit_t", "sa_logz"], _ITEM_LOGP),
     ]
 
@@ -234,7 +241,8 @@ def approximate_graph(proto: Any, emb: np.ndarray, bias: np.ndarray, mode: Surpr
     at = min(drop)
     kept = [n for i, n in enumerate(nodes) if i not in drop]
     tables = tail_tables(emb, bias, mode, seed)
-    new = kept[:at] + _approx_nodes(IN_ITEM, tables["sa_half_lam"].shape[1]) + kept[at:]
+    rank = tables["sa_half_lam"].shape[1] if "sa_half_lam" in tables else 0
+    new = kept[:at] + _approx_nodes(IN_ITEM, rank) + kept[at:]
     del out.graph.node[:]
     out.graph.node.extend(new)
     for name, value in tables.items():
