@@ -72,12 +72,13 @@ def resized_run(run: str, n_items: int, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def synthetic_users(payload: dict[str, Any], n_items: int, users: int) -> Any:
-    """A synthetic event table from the generator settings the run was trained with."""
+def synthetic_users(payload: dict[str, Any], users: int) -> Any:
+    """A synthetic event table from the generator settings the run was trained with (its
+    catalogue: a resized run is scored on the users of the run it was grown from)."""
     from clickvec.training.data import synthetic_table
 
     tc = payload.get("train_config", {})
-    return synthetic_table(users, int(tc.get("seed", 0)), int(tc.get("synthetic_items", 0) or n_items))
+    return synthetic_table(users, int(tc.get("seed", 0)), int(tc.get("synthetic_items", 0)))
 
 
 def sequences(table: Any, spec: Any, max_len: int) -> list[np.ndarray]:
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                 n_items = model.cfg.n_items
                 del model
                 bundles = export_pair(Path(run), work / name, approx or a.approx)
-                table = synthetic_users(payload, n_items, max(a.users, 2000))
+                table = synthetic_users(payload, max(a.users, 2000))
                 seqs = sequences(table, spec, a.max_len)[: a.users]
                 entry: dict[str, Any] = {"run": run, "n_items": n_items,
                                          "export": {k: {kk: vv for kk, vv in v.items() if kk != "dir"}
