@@ -106,7 +106,11 @@ def resolve(mode: SurpriseMode, n_items: int) -> SurpriseMode:
 
 def tail_tables(emb: np.ndarray, bias: np.ndarray, mode: SurpriseMode, seed: int = 0) -> dict[str, np.ndarray]:
     """The approximation's constants from the item embeddings (N, Ei) and biases (N,)."""
-    import faiss
+    try:
+        import faiss  # the `ann` extra (also `clickvec recommend`'s index)
+    except ImportError as e:
+        raise SurpriseModeError(f"--surprise {mode.label()} clusters the catalogue with faiss, which is not "
+                                "installed: pip install 'clickvec[ann]' (or export with --surprise exact)") from e
 
     emb = np.ascontiguousarray(emb, np.float32)
     bias = np.asarray(bias, np.float64)
