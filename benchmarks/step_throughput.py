@@ -7,6 +7,7 @@ per micro-batch of B users with one new event each. Writes
 benchmarks/results/step_throughput.json.
 
     .venv/bin/python benchmarks/step_throughput.py [--providers cpu] [--variants fp32 int8]
+        [--n-items 200000 --surprise approx]     (export/surprise.py; benchmarks/catalogue.py)
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ log = logging.getLogger("step_throughput")
 RESULTS = Path(__file__).parent / "results" / "step_throughput.json"
 
 
-def make_bundle(root: Path, n_items: int, variants: list[str]) -> Path:
+def make_bundle(root: Path, n_items: int, variants: list[str], surprise: str = "auto") -> Path:
     spec = FeatureSpec(items=tuple(f"item-{i}" for i in range(n_items)))
     torch.manual_seed(0)
     model = Encoder(ModelConfig(spec.n_items, spec.n_event_types, spec.n_gap_buckets)).eval()
     save_checkpoint(root / "run" / "best.pt", model, spec, {"purpose": "benchmark"})
-    export_bundle(root / "run", root / "bundle", fp16="fp16" in variants, int8="int8" in variants)
+    export_bundle(root / "run", root / "bundle", fp16="fp16" in variants, int8="int8" in variants,
+                  surprise=surprise)
     return root / "bundle"
 
 
@@ -55,10 +57,14 @@ def time_batch(bundle, B: int, rng: np.random.Generator, min_seconds: float, min
     bundle.step(items, types, gaps, lengths, h, c)  # first call at this shape
     lat = []
     start = time.perf_counter()
+    # CPU seconds of this process too: with one ORT thread they are the step's own cost,
+    # which other load on a shared machine stretches far less than the wall clock
+    cpu0 = time.process_time()
     while len(lat) < min_calls or time.perf_counter() - start < min_seconds:
         t0 = time.perf_counter()
         bundle.step(items, types, gaps, lengths, h, c)
         lat.append(time.perf_counter() - t0)
+    cpu = time.process_time() - cpu0
     lat_a = np.array(lat)
     med = float(np.median(lat_a))
     return {
@@ -68,6 +74,7 @@ def time_batch(bundle, B: int, rng: np.random.Generator, min_seconds: float, min
         "latency_ms_p95": float(np.quantile(lat_a, 0.95)) * 1e3,
         "user_steps_per_s": B / med,
         "user_steps_per_s_mean": B * len(lat) / float(lat_a.sum()),
+        "cpu_us_per_user_step": 1e6 * cpu / (B * len(lat)),
     }
 
 
@@ -77,6 +84,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["fp32"], choices=["fp32", "fp16", "int8"])
     p.add_argument("--batches", type=int, nargs="+", default=[2**k for k in range(14)])
     p.add_argument("--n-items", type=int, default=5000)
+    p.add_argument("--surprise", default="auto", help="export --surprise mode (exact | approx[...] | auto)")
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = ORT default)")
     p.add_argument("--min-seconds", type=float, default=1.5, help="time spent per batch size")
     p.add_argument("--passes", type=int, default=3, help="interleaved passes over all batch sizes")
@@ -88,7 +96,7 @@ def main() -> None:
     load_before = os.getloadavg()
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_bundle(Path(tmp), a.n_items, a.variants)
+        path = make_bundle(Path(tmp), a.n_items, a.variants, a.surprise)
         for v in a.variants:
             bundle = load_bundle(path, providers=a.providers, variant=v, intra_op_threads=a.threads)
             # Passes interleaved over batch sizes; per size the pass with the lowest median
@@ -106,13 +114,15 @@ def main() -> None:
                          r["latency_ms_p50"], r["latency_ms_p95"], r["user_steps_per_s"])
             curves[v] = {"providers": bundle.providers, "model_id": bundle.model_id, "rows": rows}
             dims = bundle.manifest["dims"]
+            surprise = bundle.manifest["surprise"]["label"]
 
     best = {v: max(c["rows"], key=lambda r: r["user_steps_per_s"]) for v, c in curves.items()}
     result = {
         "benchmark": "step_throughput",
         "what": "one ORT call per micro-batch of B users, T=1 new event each, via clickvec.bundle.reader.load_bundle; "
-                "includes the full-catalogue surprise (log-softmax over n_items)",
+                "includes the surprise: exact (log-softmax over n_items) or approx (see `surprise`)",
         "dims": dims,
+        "surprise": surprise,
         "intra_op_threads": a.threads or "ort default",
         "onnxruntime": ort.__version__,
         "available_providers": ort.get_available_providers(),

@@ -27,9 +27,11 @@ class ExportConfig:
     seed: int
     force: bool
     sign: str | None = None
+    surprise: str = "auto"
 
 
 def parse_args(argv: list[str]) -> ExportConfig:
+    from clickvec.export.surprise import AUTO_EXACT_MAX_ITEMS
     from clickvec.export.variants import MIN_COSINE
 
     p = argparse.ArgumentParser(prog="clickvec export", description=__doc__)
@@ -45,8 +47,14 @@ def parse_args(argv: list[str]) -> ExportConfig:
     p.add_argument("--sign", metavar="KEYFILE",
                    help="Ed25519 private key (PEM): also write signature.json, which `clickvec stream "
                         "--trust PUBKEY` requires (make a pair with `clickvec export keygen --out DIR`)")
+    p.add_argument("--surprise", default="auto", metavar="MODE",
+                   help="exact: the item term's softmax over the whole catalogue; approx[:head=K,clusters=C,"
+                        "rank=R]: the observed item's logit exact, log Z from the K largest-bias items and C "
+                        "clusters of the rest (cost independent of the catalogue; error in the manifest); "
+                        f"auto (default): exact up to {AUTO_EXACT_MAX_ITEMS} items, approx above")
     a = p.parse_args(argv)
-    return ExportConfig(a.run, a.out, a.fp16, a.int8, a.sequences, a.min_cosine, a.seed, a.force, a.sign)
+    return ExportConfig(a.run, a.out, a.fp16, a.int8, a.sequences, a.min_cosine, a.seed, a.force, a.sign,
+                        a.surprise)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return signing_main(argv)
     cfg = parse_args(argv)
+    from clickvec.export.surprise import parse_mode
+
+    try:
+        parse_mode(cfg.surprise)  # before the slow imports: a typo fails at once
+    except ClickvecError as e:
+        print(f"clickvec export: {e}", file=sys.stderr)
+        return 2
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("export config: %s", json.dumps(asdict(cfg)))
@@ -65,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         seqs = load_sequences(cfg.sequences) if cfg.sequences else None
         manifest = export_bundle(
             cfg.run, cfg.out, fp16=cfg.fp16, int8=cfg.int8, sequences=seqs,
-            min_cosine=cfg.min_cosine, seed=cfg.seed, force=cfg.force, sign=cfg.sign,
+            min_cosine=cfg.min_cosine, seed=cfg.seed, force=cfg.force, sign=cfg.sign, surprise=cfg.surprise,
         )
     except (ClickvecError, FileNotFoundError) as e:
         print(f"clickvec export: {e}", file=sys.stderr)
@@ -75,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_id": manifest["model_id"],
         "variants": {k: v.get("cosine_to_fp32", {}).get("min", 1.0) for k, v in manifest["variants"].items()},
         "parity_max_abs_diff": manifest["parity"]["max_abs_diff_overall"],
+        "surprise": manifest["surprise"]["label"],
     }
     if cfg.sign:
         summary["signed"] = str(Path(cfg.out) / "signature.json")

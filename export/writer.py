@@ -42,6 +42,14 @@ from clickvec.bundle.runtime import RuntimeConfig, StepSession
 from clickvec.errors import ClickvecError
 from clickvec.export.graph import IR_VERSION, OPSET, build_step_graph
 from clickvec.export.parity import check_parity, random_sequences
+from clickvec.export.surprise import (
+    SurpriseMode,
+    approx_figures,
+    approximate_model_graph,
+    manifest_entry,
+    parse_mode,
+    resolve,
+)
 from clickvec.export.variants import HOW, MIN_COSINE, quantize_int8, refusal, variant_figures
 from clickvec.features import FeatureSpec
 from clickvec.training.checkpoint import load_checkpoint
@@ -95,11 +103,14 @@ def export_bundle(
     seed: int = 0,
     force: bool = False,
     sign: str | Path | None = None,
+    surprise: str = "auto",
 ) -> dict[str, Any]:
     """Export the checkpoint at `run` (run directory or .pt) to a bundle directory `out`,
-    signed with the Ed25519 private key file `sign` when given. Returns the manifest.
+    signed with the Ed25519 private key file `sign` when given, its surprise computed as
+    `surprise` says (export/surprise.py). Returns the manifest.
     Raises ParityError (nothing written) if the graph is wrong."""
     out = Path(out)
+    mode = parse_mode(surprise)  # a bad value fails before the checkpoint is read
     if out.exists() and not force:
         raise ExportError(f"{out} already exists: choose another --out or pass --force to replace it")
     signing_key = None
@@ -109,7 +120,8 @@ def export_bundle(
         signing_key = load_private_key(sign)
     model, spec, payload = load_checkpoint(run)
     return write_bundle(model, spec, payload, out, fp16=fp16, int8=int8, sequences=sequences,
-                        min_cosine=min_cosine, seed=seed, source=str(run), signing_key=signing_key)
+                        min_cosine=min_cosine, seed=seed, source=str(run), signing_key=signing_key,
+                        surprise=mode)
 
 
 def write_bundle(
@@ -125,15 +137,25 @@ def write_bundle(
     seed: int = 0,
     source: str = "",
     signing_key: Any = None,
+    surprise: SurpriseMode | str = "auto",
 ) -> dict[str, Any]:
     model = model.eval()
     _check_sizes(model, spec)
+    mode = resolve(parse_mode(surprise) if isinstance(surprise, str) else surprise, model.cfg.n_items)
     proto = build_step_graph(model)
     encoder = proto.SerializeToString()
     real = list(sequences or [])
     log.info("checking parity (ONNX Runtime vs PyTorch; streamed vs offline) ...")
     parity = check_parity(model, encoder, sequences=real, seed=seed)
     log.info("parity passed: max abs diff %.3g over %s", parity["max_abs_diff_overall"], parity["cases"])
+    surprise_info = manifest_entry(mode, model.cfg.n_items)
+    if mode.kind == "approx":
+        # Parity holds for the exact graph; the approximate one shares every node but the
+        # item softmax, and `approx_figures` checks that its vectors and states are the same.
+        proto = approximate_model_graph(proto, model, mode, seed)
+        approx = proto.SerializeToString()
+        surprise_info = manifest_entry(mode, model.cfg.n_items, approx_figures(model, encoder, approx, real, seed))
+        encoder = approx
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -141,7 +163,7 @@ def write_bundle(
         (tmp / ENCODER_FILES["fp32"]).write_bytes(encoder)
         scoring = _write_tables(tmp, model, spec)
         wanted = [v for v, on in (("fp16", fp16), ("int8", int8)) if on]
-        variants, refused = _write_variants(tmp, model, encoder, wanted, real, scoring, min_cosine, seed)
+        variants, refused = _write_variants(tmp, model, encoder, wanted, real, scoring, min_cosine, seed, mode)
         files: dict[str, dict[str, Any]] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
             for p in sorted(tmp.iterdir()) if p.is_file()
@@ -150,6 +172,7 @@ def write_bundle(
         for v, meta in variants.items():
             meta["model_id"] = compute_model_id(hashes, ENCODER_FILES[v])
         manifest = _manifest(model, spec, payload, proto, parity, variants, refused, files, source)
+        manifest["surprise"] = surprise_info
         (tmp / MANIFEST).write_bytes(seal_manifest(manifest))
         if signing_key is not None:
             from clickvec.bundle.signing import write_signature
@@ -192,7 +215,7 @@ def _write_tables(tmp: Path, model: Encoder, spec: FeatureSpec) -> dict[str, np.
 
 def _write_variants(
     tmp: Path, model: Encoder, encoder: bytes, wanted: Sequence[str], real: Sequence[np.ndarray],
-    scoring: dict[str, np.ndarray], min_cosine: float, seed: int,
+    scoring: dict[str, np.ndarray], min_cosine: float, seed: int, mode: SurpriseMode,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Write each wanted smaller encoder next to the float32 one in `tmp`; one that is not
     close enough to float32 is deleted again. Returns (kept variants, refused ones: why)."""
@@ -207,7 +230,10 @@ def _write_variants(
     for v in wanted:
         path = tmp / ENCODER_FILES[v]
         if v == "fp16":
-            path.write_bytes(build_step_graph(model, weight_dtype="float16").SerializeToString())
+            fp16 = build_step_graph(model, weight_dtype="float16")
+            if mode.kind == "approx":
+                fp16 = approximate_model_graph(fp16, model, mode, seed)
+            path.write_bytes(fp16.SerializeToString())
         else:
             quantize_int8(tmp / ENCODER_FILES["fp32"], path)
         fig = variant_figures(ref, StepSession(path.read_bytes(), RuntimeConfig(providers="cpu")),
