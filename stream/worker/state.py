@@ -105,11 +105,11 @@ def unpack_states(values: list[bytes], model_prefix: bytes, layers: int, hidden:
     ok = ((arr["magic"] == _MAGIC) & (arr["version"] == _VERSION) & (arr["code"] == 1)
           & (arr["prefix"] == int.from_bytes(model_prefix, "little")))
     hc = arr["hc"]
-    heads = zip(arr["seq"].tolist(), arr["partition"].tolist(), arr["offset"].tolist(), arr["last_ts"].tolist(),
-                ok.tolist(), strict=True)
-    for j, (k, (seq, partition, offset, last_ts, good)) in enumerate(zip(which, heads, strict=True)):
+    # The (L, H) views of every h and c made by iterating in C, not by indexing per user.
+    for k, seq, partition, offset, last_ts, good, h, c in zip(
+            which, arr["seq"].tolist(), arr["partition"].tolist(), arr["offset"].tolist(), arr["last_ts"].tolist(),
+            ok.tolist(), list(hc[:, 0]), list(hc[:, 1]), strict=True):
         if good:
-            h, c = hc[j]
             out[k] = UserState(model_prefix, seq, partition, offset, last_ts, h, c)
     return out
 
