@@ -265,22 +265,28 @@ class Engine:
         wm = self.watermark
         # JSON keyed by user id: the whole batch's values parsed in one call; what it
         # refuses is parsed again by `_parse`, for the dead letter's reason.
-        cores = parse_core_many([r.value for r in records]) if self._reader is None else None
-        for k, rec in enumerate(records):
-            if rec.value is None:
-                uid = self._tombstone_user(rec, result)
-                if uid is not None:
-                    per_user.setdefault((uid, rec.partition), []).append((None, rec))
-                continue
-            ev = cores[k] if cores is not None else None
-            if ev is None:
+        cores = parse_core_many([r.value for r in records]) if self._reader is None else [None] * len(records)
+        get = per_user.get
+        for rec, ev in zip(records, cores, strict=True):
+            if ev is None:  # a tombstone, a value to parse with the wire settings, or a bad one
+                if rec.value is None:
+                    uid = self._tombstone_user(rec, result)
+                    if uid is not None:
+                        per_user.setdefault((uid, rec.partition), []).append((None, rec))
+                    continue
                 ev = self._parse(rec, result)
             elif rec.key is None or rec.key.decode("utf-8", "replace") != ev[0]:
                 ev = self._keyed(rec, ev, result)  # dead-lettered
-            if ev is not None:
-                per_user.setdefault((ev[0], rec.partition), []).append((ev, rec))
-                if ev[3] > wm:
-                    wm = ev[3]
+            if ev is None:
+                continue
+            k = (ev[0], rec.partition)
+            items = get(k)
+            if items is None:
+                per_user[k] = [(ev, rec)]
+            else:
+                items.append((ev, rec))
+            if ev[3] > wm:
+                wm = ev[3]
         self.watermark = wm
         return per_user
 
