@@ -199,7 +199,7 @@ class Engine:
         """Apply a batch: events, tombstones (the module docstring), then the TTL's share."""
         result = BatchResult()
         per_user = self._group(records, result)
-        raws = [store.get(uid, items[0][1]) for (uid, _), items in per_user.items()]
+        raws = _get_all(store, [(uid, items[0][1]) for (uid, _), items in per_user.items()])
         # The common stored value (a float32 state of this model) unpacked for all users at once.
         known = unpack_states([r for r in raws if r is not None], self.prefix, self.layers, self.hidden)
         it = iter(known)
@@ -423,6 +423,17 @@ class Engine:
         """Write the batch's states. Call only after its outputs were delivered: a state
         that is stored implies its vectors reached the topic."""
         store.put_many(result.states)
+
+
+def _get_all(store: StateStore, keys: list[tuple[str, Record]]) -> list[bytes | None]:
+    """The stored values of the batch's users: through the store's `get_many` where it
+    has one (one RocksDB multi-get per partition instead of a chain of Python calls per
+    user), else `get` each."""
+    get_many = getattr(store, "get_many", None)
+    if get_many is not None:
+        return get_many(keys)  # type: ignore[no-any-return]
+    get = store.get
+    return [get(uid, rec) for uid, rec in keys]
 
 
 def records_from(items: Iterable[tuple[bytes | None, bytes | None, int, int]], topic: str = "clicks") -> list[Record]:
