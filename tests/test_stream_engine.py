@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from clickvec.bundle.reader import load_bundle
-from clickvec.contract.messages import VectorMessage
+from clickvec.contract.messages import (
+    VectorMessage,
+    vector_json_batch,
+    vector_json_head,
+    vector_json_many,
+    vector_json_rows,
+    vector_json_source,
+)
 from clickvec.devtools.synth import SynthConfig, generate_events
 from clickvec.features import gap_bucket, gap_bucket_array
 from clickvec.stream.worker.calls import MERGE_CELLS, call_plan
@@ -220,3 +227,24 @@ def test_states_unpacked_at_once_agree_with_unpack():
             assert (g.model_prefix, g.seq, g.partition, g.offset, g.last_ts) == (
                 want.model_prefix, want.seq, want.partition, want.offset, want.last_ts)
             assert np.array_equal(g.h, want.h) and np.array_equal(g.c, want.c)
+
+
+def test_json_vectors_of_a_batch_are_the_contract_bytes(bundle, events):
+    """The engine writes a call's JSON vectors in one `vector_json_batch` (users of
+    several lengths, so padded calls too): each is byte for byte the message
+    `VectorMessage.to_bytes` writes from the same fields; and the batch writer equals the
+    per-user one on non-finite surprises."""
+    engine = Engine(bundle)
+    res = engine.process(_records(events)[:300], MemoryStateStore())
+    assert len(res.outputs) == 300
+    for _, v in res.outputs:
+        m = VectorMessage.from_bytes(v)
+        want = VectorMessage(m.user_id, m.model_id, m.seq, m.event_ts, m.emit_ts,
+                             np.asarray(m.vector, np.float32), m.surprise, m.source)
+        assert want.to_bytes("json") == v
+    rows = vector_json_rows(np.arange(8, dtype=np.float32).reshape(4, 2) / 3)
+    sur = [0.5, float("nan"), float("inf"), -float("inf")]
+    src = [vector_json_source("clicks", 1, k) for k in range(4)]
+    head = vector_json_head("u\u00e9", "m")
+    assert vector_json_batch([head] * 4, [3, 4, 5, 6], [10, 11, 12, 13], 99, rows, sur, src) == vector_json_many(
+        head, 3, [10, 11, 12, 13], 99, rows, sur, src)

@@ -119,10 +119,7 @@ def vector_json_head(user_id: str, model_id: str) -> str:
 
 def vector_json_source(topic: str, partition: int, offset: int) -> str:
     """`"topic[partition]@offset"` as a JSON string."""
-    t = _TOPIC_JSON.get(topic)
-    if t is None:
-        t = _TOPIC_JSON[topic] = json.dumps(topic)[:-1]
-    return f'{t}[{partition}]@{offset}"'
+    return f'{topic_json(topic)}[{partition}]@{offset}"'
 
 
 def vector_json(head: str, seq: int, event_ts: int, emit_ts: int, vector: np.ndarray, surprise: float,
@@ -152,6 +149,26 @@ def vector_json_many(head: str, seq0: int, event_ts: Sequence[int], emit_ts: int
         out.append(f'{head}"seq":{seq0 + k},"event_ts":{ts},"emit_ts":{emit_ts},"vector":[{rows[k]}],'
                    f'"surprise":{s},"source":{sources_json[k]}}}'.encode())
     return out
+
+
+def vector_json_batch(heads: Sequence[str], seqs: Sequence[int], event_ts: Sequence[int], emit_ts: int,
+                      rows: Sequence[str], surprises: Sequence[float], sources_json: Sequence[str]) -> list[bytes]:
+    """`vector_json_many` for the vectors of many users at once, one entry per vector
+    in every argument but `emit_ts` (the worker's whole ORT call in one comprehension,
+    without a call per user). Same bytes as `vector_json_many`, tested."""
+    sur = list(map(repr, surprises))
+    if not all(map(math.isfinite, surprises)):  # json.dumps' form of nan and the infinities
+        sur = [s if math.isfinite(x) else json.dumps(x) for s, x in zip(sur, surprises, strict=True)]
+    return [f'{h}"seq":{q},"event_ts":{t},"emit_ts":{emit_ts},"vector":[{r}],"surprise":{s},"source":{src}}}'.encode()
+            for h, q, t, r, s, src in zip(heads, seqs, event_ts, rows, sur, sources_json, strict=True)]
+
+
+def topic_json(topic: str) -> str:
+    """The start of `vector_json_source`'s string: the topic as JSON without its closing quote."""
+    t = _TOPIC_JSON.get(topic)
+    if t is None:
+        t = _TOPIC_JSON[topic] = json.dumps(topic)[:-1]
+    return t
 
 
 def encode_vector(v: np.ndarray, encoding: str) -> bytes:

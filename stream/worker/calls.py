@@ -25,6 +25,8 @@ import numpy as np
 
 from clickvec.contract.messages import (
     VectorMessage,
+    topic_json,
+    vector_json_batch,
     vector_json_head,
     vector_json_many,
     vector_json_rows,
@@ -106,15 +108,17 @@ def run_call(engine: Engine, idx: list[int], users: list[str], states: list[User
     every = cfg.emit == "every"
     outputs = result.outputs
     latest = result.latest if cfg.latest else None
-    sur = surprise.T.tolist()  # (B, T)
-    if cfg.encoding == "json":
-        z = z_seq if every else z_last
-        rows = vector_json_rows(np.ascontiguousarray(z, np.float32).reshape(-1, z.shape[-1]))
-        _json_outputs(engine, idx, users, states, pending, rows, sur, every, B, now_ms, outputs, latest)
-    else:
-        _encoded_outputs(engine, idx, users, states, pending, z_seq if every else z_last, sur, every, now_ms,
-                         outputs, latest)
     event_ts = result.event_ts
+    if cfg.encoding == "json" and every:  # the default: every event's vector, one writer call for the whole call
+        event_ts.extend(_json_every(engine, idx, users, states, pending, z_seq, surprise, lengths, now_ms,
+                                    outputs, latest))
+        event_ts = None
+    elif cfg.encoding == "json":
+        rows = vector_json_rows(np.ascontiguousarray(z_last, np.float32).reshape(-1, z_last.shape[-1]))
+        _json_latest(engine, idx, users, states, pending, rows, surprise.T.tolist(), now_ms, outputs, latest)
+    else:
+        _encoded_outputs(engine, idx, users, states, pending, z_seq if every else z_last, surprise.T.tolist(),
+                         every, now_ms, outputs, latest)
     applied = 0
     kept: list[int] = []
     heads: list[tuple[int, int, int, int]] = []
@@ -122,9 +126,7 @@ def run_call(engine: Engine, idx: list[int], users: list[str], states: list[User
         evs = pending[i]
         n = len(evs)
         applied += n
-        if n == 1:
-            event_ts.append(evs[0][0][3])
-        else:
+        if event_ts is not None:
             event_ts.extend(ev[3] for ev, _ in evs)
         if keep[i]:  # else: erased by a tombstone later in the batch
             last_ev, last_rec = evs[-1]
@@ -140,29 +142,62 @@ def run_call(engine: Engine, idx: list[int], users: list[str], states: list[User
             add((users[i], value, pending[i][-1][1]))
 
 
-def _json_outputs(engine: Engine, idx: list[int], users: list[str], states: list[UserState],
-                  pending: list[list[tuple[Event, Record]]], rows: list[str], sur: list[list[float]], every: bool,
-                  B: int, now_ms: int, outputs: list[tuple[bytes, bytes | None]],
-                  latest: dict[bytes, bytes | None] | None) -> None:
+def _json_every(engine: Engine, idx: list[int], users: list[str], states: list[UserState],
+                pending: list[list[tuple[Event, Record]]], z_seq: np.ndarray, surprise: np.ndarray,
+                lengths: np.ndarray, now_ms: int, outputs: list[tuple[bytes, bytes | None]],
+                latest: dict[bytes, bytes | None] | None) -> list[int]:
+    """The JSON vector of every event of the call, in the users' order (`idx`), each
+    user's in its events' order: the real cells of (T, B) taken user-major as whole
+    arrays, then one `vector_json_batch`. Returns the events' times, in that order."""
+    T, B = surprise.shape
+    zt, st = z_seq.transpose(1, 0, 2), surprise.T  # (B, T, D), (B, T)
+    if int(lengths.sum()) == B * T:
+        z, sur = zt.reshape(B * T, -1), st.ravel().tolist()
+    else:
+        mask = np.arange(T)[None, :] < lengths[:, None]
+        z, sur = zt[mask], st[mask].tolist()
+    rows = vector_json_rows(np.ascontiguousarray(z, np.float32))
+    model_id = engine.model_id
+    heads: list[str] = []
+    seqs: list[int] = []
+    ts: list[int] = []
+    srcs: list[str] = []
+    keys: list[bytes] = []
+    topic, tj = None, ""
+    for i in idx:
+        uid = users[i]
+        head, key, seq = vector_json_head(uid, model_id), uid.encode(), states[i].seq
+        for ev, r in pending[i]:
+            if r.topic != topic:
+                topic = r.topic
+                tj = topic_json(topic)
+            seq += 1
+            heads.append(head)
+            keys.append(key)
+            seqs.append(seq)
+            ts.append(ev[3])
+            srcs.append(f'{tj}[{r.partition}]@{r.offset}"')
+    msgs = vector_json_batch(heads, seqs, ts, now_ms, rows, sur, srcs)
+    outputs.extend(zip(keys, msgs, strict=True))
+    if latest is not None:
+        latest.update(zip(keys, msgs, strict=True))  # a user's last vector is its last in the call
+    return ts
+
+
+def _json_latest(engine: Engine, idx: list[int], users: list[str], states: list[UserState],
+                 pending: list[list[tuple[Event, Record]]], rows: list[str], sur: list[list[float]],
+                 now_ms: int, outputs: list[tuple[bytes, bytes | None]],
+                 latest: dict[bytes, bytes | None] | None) -> None:
+    """`emit` latest: each user's vector after its last event of the call."""
     model_id = engine.model_id
     for b, i in enumerate(idx):
         evs = pending[i]
         n = len(evs)
         uid = users[i]
         key = uid.encode()
-        head = vector_json_head(uid, model_id)
-        seq0 = states[i].seq + 1
-        if every and n == 1:  # most users of a batch: no per-event lists to build
-            ev, r = evs[0]
-            msgs = vector_json_many(head, seq0, [ev[3]], now_ms, [rows[b]], sur[b],
-                                    [vector_json_source(r.topic, r.partition, r.offset)])
-        elif every:
-            msgs = vector_json_many(head, seq0, [ev[3] for ev, _ in evs], now_ms, rows[b::B][:n], sur[b],
-                                    [vector_json_source(r.topic, r.partition, r.offset) for _, r in evs])
-        else:
-            ev, r = evs[-1]
-            msgs = vector_json_many(head, seq0 + n - 1, [ev[3]], now_ms, [rows[b]], sur[b][n - 1:n],
-                                    [vector_json_source(r.topic, r.partition, r.offset)])
+        ev, r = evs[-1]
+        msgs = vector_json_many(vector_json_head(uid, model_id), states[i].seq + n, [ev[3]], now_ms, [rows[b]],
+                                sur[b][n - 1:n], [vector_json_source(r.topic, r.partition, r.offset)])
         outputs.extend((key, m) for m in msgs)
         if latest is not None:
             latest[key] = msgs[-1]

@@ -199,33 +199,57 @@ class Engine:
         """Apply a batch: events, tombstones (the module docstring), then the TTL's share."""
         result = BatchResult()
         per_user = self._group(records, result)
-        raws = [store.get(uid, items[0][1]) for (uid, _), items in per_user.items()]
+        raws = _get_all(store, [(uid, items[0][1]) for (uid, _), items in per_user.items()])
         # The common stored value (a float32 state of this model) unpacked for all users at once.
         known = unpack_states([r for r in raws if r is not None], self.prefix, self.layers, self.hidden)
         it = iter(known)
         starts = [next(it) if r is not None else None for r in raws]
-        plans = [p for ((uid, _), items), raw, st in zip(per_user.items(), raws, starts, strict=True)
-                 if (p := self._plan(uid, items, raw, st, result)) is not None]
+        # Round 0's users are gathered here directly; a user with one new event and a
+        # stored state of the common kind (most users of a batch) needs no `_Plan`.
+        users: list[str] = []
+        states: list[UserState] = []
+        pending: list[list[tuple[Event, Record]]] = []
+        keep: list[bool] = []
+        plans: list[_Plan] = []  # users with a tombstone: later rounds and forgets
+        for ((uid, _), items), raw, st in zip(per_user.items(), raws, starts, strict=True):
+            if st is not None and len(items) == 1:
+                rec = items[0][1]
+                if items[0][0] is not None and (rec.partition != st.partition or rec.offset > st.offset):
+                    users.append(uid)
+                    states.append(st)
+                    pending.append(items)  # type: ignore[arg-type]
+                    keep.append(True)
+                    continue
+            p = self._plan(uid, items, raw, st, result)
+            if p is None:
+                continue
+            events, tomb = p.segments[0]
+            if events:
+                users.append(uid)
+                states.append(p.start)
+                pending.append(events)
+                keep.append(tomb is None)  # only the user's last segment is stored: earlier ones are erased
+            if tomb is not None:
+                plans.append(p)
+        if users:
+            self._call(users, states, pending, keep, store, result)
+        result.users = len(users)
         # Round r runs every user's r-th segment (the events between two of its
         # tombstones); a user's tombstone is published after the vectors before it and
-        # before those after it. Almost every batch has one round.
-        for r in range(max((len(p.segments) for p in plans), default=0)):
-            users: list[str] = []
-            states: list[UserState] = []
-            pending: list[list[tuple[Event, Record]]] = []
-            keep: list[bool] = []
+        # before those after it. Almost every batch has round 0 only.
+        for p in plans:
+            self._forget(p, 0, result)
+        for r in range(1, max((len(p.segments) for p in plans), default=0)):
+            users, states, pending, keep = [], [], [], []
             for p in plans:
                 if r < len(p.segments) and p.segments[r][0]:
                     events, tomb = p.segments[r]
                     users.append(p.uid)
-                    states.append(p.start if r == 0 else self._fresh_after(p.segments[r - 1][1]))
+                    states.append(self._fresh_after(p.segments[r - 1][1]))
                     pending.append(events)
-                    # Only the user's last segment is stored: earlier ones are erased.
                     keep.append(tomb is None)
             if users:
                 self._call(users, states, pending, keep, store, result)
-                if r == 0:
-                    result.users = len(users)
             for p in plans:
                 if r < len(p.segments) and p.segments[r][1] is not None:
                     self._forget(p, r, result)
@@ -241,22 +265,28 @@ class Engine:
         wm = self.watermark
         # JSON keyed by user id: the whole batch's values parsed in one call; what it
         # refuses is parsed again by `_parse`, for the dead letter's reason.
-        cores = parse_core_many([r.value for r in records]) if self._reader is None else None
-        for k, rec in enumerate(records):
-            if rec.value is None:
-                uid = self._tombstone_user(rec, result)
-                if uid is not None:
-                    per_user.setdefault((uid, rec.partition), []).append((None, rec))
-                continue
-            ev = cores[k] if cores is not None else None
-            if ev is None:
+        cores = parse_core_many([r.value for r in records]) if self._reader is None else [None] * len(records)
+        get = per_user.get
+        for rec, ev in zip(records, cores, strict=True):
+            if ev is None:  # a tombstone, a value to parse with the wire settings, or a bad one
+                if rec.value is None:
+                    uid = self._tombstone_user(rec, result)
+                    if uid is not None:
+                        per_user.setdefault((uid, rec.partition), []).append((None, rec))
+                    continue
                 ev = self._parse(rec, result)
             elif rec.key is None or rec.key.decode("utf-8", "replace") != ev[0]:
                 ev = self._keyed(rec, ev, result)  # dead-lettered
-            if ev is not None:
-                per_user.setdefault((ev[0], rec.partition), []).append((ev, rec))
-                if ev[3] > wm:
-                    wm = ev[3]
+            if ev is None:
+                continue
+            k = (ev[0], rec.partition)
+            items = get(k)
+            if items is None:
+                per_user[k] = [(ev, rec)]
+            else:
+                items.append((ev, rec))
+            if ev[3] > wm:
+                wm = ev[3]
         self.watermark = wm
         return per_user
 
@@ -307,12 +337,8 @@ class Engine:
         """What the batch does to one user (`raw` its stored value, `known` that value
         unpacked when it is the common case): its new items cut into segments at its
         tombstones; None when all of them are replays."""
-        if known is not None:
+        if known is not None:  # (one new event on it is planned in `process`)
             st, stored_ok = known, True
-            if len(items) == 1 and items[0][0] is not None:  # the common case: one new event
-                rec = items[0][1]
-                if rec.partition != st.partition or rec.offset > st.offset:
-                    return _Plan(uid, raw, st, [(items, None)])  # type: ignore[list-item]
         else:
             st, stored_ok = self._start_state(uid, raw, result)
         # Replays against the stored state *and* within the batch: a record can come
@@ -397,6 +423,17 @@ class Engine:
         """Write the batch's states. Call only after its outputs were delivered: a state
         that is stored implies its vectors reached the topic."""
         store.put_many(result.states)
+
+
+def _get_all(store: StateStore, keys: list[tuple[str, Record]]) -> list[bytes | None]:
+    """The stored values of the batch's users: through the store's `get_many` where it
+    has one (one RocksDB multi-get per partition instead of a chain of Python calls per
+    user), else `get` each."""
+    get_many = getattr(store, "get_many", None)
+    if get_many is not None:
+        return get_many(keys)  # type: ignore[no-any-return]
+    get = store.get
+    return [get(uid, rec) for uid, rec in keys]
 
 
 def records_from(items: Iterable[tuple[bytes | None, bytes | None, int, int]], topic: str = "clicks") -> list[Record]:

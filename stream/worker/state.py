@@ -92,9 +92,7 @@ def unpack_states(values: list[bytes], model_prefix: bytes, layers: int, hidden:
     state of `model_prefix`'s model. Any other value (another size, dtype or model, an
     erased marker, a bad header) gives None, for the caller's one-by-one path."""
     n = layers * hidden
-    dt = np.dtype([("magic", "u1"), ("version", "u1"), ("code", "u1"), ("pad", "u1"), ("prefix", "<u8"),
-                   ("seq", "<u8"), ("partition", "<i4"), ("offset", "<i8"), ("last_ts", "<i8"),
-                   ("hc", "<f4", (2, layers, hidden))])
+    dt = _record_dtype(1, layers, hidden)
     assert dt.itemsize == HEADER_BYTES + 8 * n
     size = dt.itemsize
     out: list[UserState | None] = [None] * len(values)
@@ -105,11 +103,11 @@ def unpack_states(values: list[bytes], model_prefix: bytes, layers: int, hidden:
     ok = ((arr["magic"] == _MAGIC) & (arr["version"] == _VERSION) & (arr["code"] == 1)
           & (arr["prefix"] == int.from_bytes(model_prefix, "little")))
     hc = arr["hc"]
-    heads = zip(arr["seq"].tolist(), arr["partition"].tolist(), arr["offset"].tolist(), arr["last_ts"].tolist(),
-                ok.tolist(), strict=True)
-    for j, (k, (seq, partition, offset, last_ts, good)) in enumerate(zip(which, heads, strict=True)):
+    # The (L, H) views of every h and c made by iterating in C, not by indexing per user.
+    for k, seq, partition, offset, last_ts, good, h, c in zip(
+            which, arr["seq"].tolist(), arr["partition"].tolist(), arr["offset"].tolist(), arr["last_ts"].tolist(),
+            ok.tolist(), list(hc[:, 0]), list(hc[:, 1]), strict=True):
         if good:
-            h, c = hc[j]
             out[k] = UserState(model_prefix, seq, partition, offset, last_ts, h, c)
     return out
 
@@ -119,15 +117,26 @@ def pack_states(model_prefix: bytes, heads: list[tuple[int, int, int, int]], h: 
     """`UserState.pack` of B users at once: `heads` their (seq, partition, offset,
     last_ts), `h` and `c` (L, B, H); one conversion and one copy for all of them."""
     code = _DTYPE_CODES[dtype]
-    dt = _DTYPES[code]
     layers, users, hidden = h.shape
-    n = layers * hidden
-    body = np.concatenate((h.transpose(1, 0, 2).reshape(users, n), c.transpose(1, 0, 2).reshape(users, n)),
-                          axis=1).astype(dt, copy=False).tobytes()
-    size = 2 * n * dt.itemsize
-    pack = _HEADER.pack
-    return [pack(_MAGIC, _VERSION, code, model_prefix, seq, partition, offset, last_ts) + body[k * size:(k + 1) * size]
-            for k, (seq, partition, offset, last_ts) in enumerate(heads)]
+    # The values as one record array (header fields, then h and c), written by one copy
+    # and sliced: no header packed and joined per user.
+    rec = np.empty(users, _record_dtype(code, layers, hidden))
+    rec["magic"], rec["version"], rec["code"], rec["pad"] = _MAGIC, _VERSION, code, 0
+    rec["prefix"] = int.from_bytes(model_prefix, "little")
+    if users:
+        rec["seq"], rec["partition"], rec["offset"], rec["last_ts"] = zip(*heads, strict=True)
+    rec["hc"][:, 0] = h.transpose(1, 0, 2)
+    rec["hc"][:, 1] = c.transpose(1, 0, 2)
+    body = rec.tobytes()
+    size = rec.dtype.itemsize
+    return [body[k:k + size] for k in range(0, users * size, size)]
+
+
+def _record_dtype(code: int, layers: int, hidden: int) -> np.dtype:
+    """A stored state value as a numpy record (the layout of the module docstring)."""
+    return np.dtype([("magic", "u1"), ("version", "u1"), ("code", "u1"), ("pad", "u1"), ("prefix", "<u8"),
+                     ("seq", "<u8"), ("partition", "<i4"), ("offset", "<i8"), ("last_ts", "<i8"),
+                     ("hc", _DTYPES[code], (2, layers, hidden))])
 
 
 def erased_marker(model_prefix: bytes, partition: int, offset: int, ts: int) -> bytes:
