@@ -291,8 +291,8 @@ def validate(run: Run, epoch: int, train_loss: float, baselines: list, eval_kw: 
     if score > loop.best_score:
         loop.best_score, loop.best_epoch, loop.bad_epochs = score, epoch, 0
         save_checkpoint(run.out / "best.pt", run.encoder, run.split.spec, cfg.to_dict(), m, **ckpt)
-    else:
-        loop.bad_epochs += 1
+    elif loop.best_epoch >= 0:  # a warm start still best does not count against patience:
+        loop.bad_epochs += 1  # its first epochs fall below it before they rise above (README)
     save_checkpoint(run.out / "last.pt", run.encoder, run.split.spec, cfg.to_dict(), m, **ckpt,
                     optimizer=run.opt.state_dict(), resume=loop.resume_state())
     return loop.bad_epochs >= cfg.patience
