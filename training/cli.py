@@ -43,6 +43,8 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("--dropout", float, "dropout on the LSTM output before z (and between layers)"),
     ("--input-dropout", float, "dropout on the event embeddings entering the LSTM"),
     ("--item-init-std", float, "std of the item embeddings at start (0: the model's 0.05)"),
+    ("--item-init", ("random", "transitions"), "start: random item embeddings, or from the training "
+                                               "split's item transitions (scores start near Markov's)"),
     ("--weight-decay", float, "AdamW weight decay"),
     ("--lr-schedule", ("cosine", "constant"), "learning-rate schedule after warm-up"),
     ("--warmup-steps", int, "linear warm-up steps"),

@@ -47,6 +47,10 @@ class TrainConfig(Architecture):
     # side but leaves the item too faint in the LSTM input next to the type and gap
     # embeddings (std 1): training then sits on a popularity plateau for epochs.
     item_init_std: float = 0.5  # 0: keep the model's initialisation
+    # "transitions": start from the training split's first-order transitions (item
+    # embeddings from their PMI's eigenvectors, LSTM units that copy the current item into z:
+    # training/warmstart.py), so the scores start close to Markov's; "random": item_init_std.
+    item_init: str = "random"
     # objectives
     loss: str = "full"  # "full" softmax CE or "sampled" softmax
     num_negatives: int = 256  # sampled softmax: negatives per batch, drawn by popularity (logQ-corrected)
@@ -114,6 +118,8 @@ class TrainConfig(Architecture):
                              f"not {self.select_metric!r}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}")
+        if self.item_init not in ("random", "transitions"):
+            raise ValueError(f"item_init must be 'random' or 'transitions', not {self.item_init!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if not 0.0 < self.cutoff_quantile < 1.0:

@@ -39,6 +39,7 @@ from clickvec.training.model import Architecture, Encoder, ModelConfig
 from clickvec.training.objective import Objective, item_log_q
 from clickvec.training.readers import is_sequence_file, load_histories
 from clickvec.training.recipe import apply_recipe
+from clickvec.training.warmstart import init_from_transitions
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class Loop:
     seqs_seen: int = 0
     events_seen: int = 0
     stop_reason: str = "epochs"
+    start: dict[str, Any] = field(default_factory=dict)  # valid figures of the warm start (epoch -1)
 
     def resume_state(self) -> dict[str, Any]:
         keep = ("history", "best_score", "best_epoch", "bad_epochs", "train_seconds", "seqs_seen", "events_seen")
@@ -183,6 +185,8 @@ def setup(cfg: TrainConfig, source: Any = None) -> Run:
         with torch.no_grad():
             nn.init.normal_(encoder.item_emb.weight, std=cfg.item_init_std)
             encoder.item_emb.weight[0].zero_()  # padding
+    if cfg.item_init == "transitions" and not cfg.resume:
+        log.info("initialised from the training transitions: %s", init_from_transitions(encoder, split.train, cfg.seed))
     encoder.to(device)
     objective: nn.Module = Objective(encoder, cfg, item_log_q(split.train, split.spec.n_items)).to(device)
     if world > 1:
@@ -287,8 +291,8 @@ def validate(run: Run, epoch: int, train_loss: float, baselines: list, eval_kw: 
     if score > loop.best_score:
         loop.best_score, loop.best_epoch, loop.bad_epochs = score, epoch, 0
         save_checkpoint(run.out / "best.pt", run.encoder, run.split.spec, cfg.to_dict(), m, **ckpt)
-    else:
-        loop.bad_epochs += 1
+    elif loop.best_epoch >= 0:  # a warm start still best does not count against patience:
+        loop.bad_epochs += 1  # its first epochs fall below it before they rise above (README)
     save_checkpoint(run.out / "last.pt", run.encoder, run.split.spec, cfg.to_dict(), m, **ckpt,
                     optimizer=run.opt.state_dict(), resume=loop.resume_state())
     return loop.bad_epochs >= cfg.patience
@@ -319,6 +323,13 @@ def train(cfg: TrainConfig, source: Any = None) -> dict[str, Any]:
     # baselines; later ones reuse those scores).
     deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
     started, valid_s = (time.perf_counter(), loop.step), []
+    if cfg.item_init == "transitions" and loop.start_epoch == 0 and run.rank == 0:
+        # A warm start is already a model: best.pt starts from it, so training has to beat
+        # it on valid to replace it (best_epoch -1 in metrics.json says it did not).
+        t_valid = time.perf_counter()
+        validate(run, -1, float("nan"), valid_baselines, eval_kw)
+        loop.start = loop.history.pop()
+        valid_s.append(time.perf_counter() - t_valid)
     for epoch in range(loop.start_epoch, cfg.epochs):
         reserve = valid_s[0] + valid_s[-1] if valid_s else 0.0
         if valid_s and run.world == 1 and time.perf_counter() > deadline - reserve:
@@ -360,6 +371,7 @@ def finish(run: Run, eval_kw: dict[str, Any], wall_seconds: float) -> dict[str, 
         "best_epoch": payload.get("epoch", loop.best_epoch),
         "select_metric": cfg.select_metric,
         "valid_at_best": payload.get("metrics", {}),
+        "valid_at_start": loop.start,
         "training_seconds": loop.train_seconds,
         "wall_seconds": wall_seconds,
         "throughput": {"sequences_per_s": loop.seqs_seen / max(loop.train_seconds, 1e-9),

@@ -44,11 +44,13 @@ class Build:
 
 
 def train_flags(cfg: RunConfig) -> list[str]:
+    # One torch thread: on a loaded 2-core machine two threads wait on each other (the demo
+    # trained 1 epoch in its 2 minutes with two, 15 with one; training/README.md).
     if cfg.quick:
         return ["--epochs", "2", "--hidden", "32", "--z-dim", "16", "--item-dim", "16",
-                "--max-minutes", str(min(cfg.train_minutes, 0.5))]
+                "--max-minutes", str(min(cfg.train_minutes, 0.5)), "--num-threads", "1"]
     return ["--epochs", "20", "--hidden", "64", "--z-dim", "32", "--item-dim", "32",
-            "--max-minutes", str(cfg.train_minutes)]
+            "--max-minutes", str(cfg.train_minutes), "--num-threads", "1"]
 
 
 def build_key(cfg: RunConfig) -> dict[str, Any]:
