@@ -209,7 +209,11 @@ def _lstm_layers(g: _Graph, x: str, layers: int, hidden: int) -> tuple[str, str]
 
 
 def _surprise(g: _Graph, layers: int) -> None:
-    """-log p(item_t | z_prev) - log p(event_type_t | z_prev), each with its own log-softmax."""
+    """-log p(item_t | z_prev) - log p(event_type_t | z_prev), each with its own log-softmax.
+
+    export/surprise.py (`_EXACT_ITEM_NODES`) replaces the item softmax of this graph by its
+    node names (query, item_emb_T, logits_mm, logits, logp, item_idx, logp_item,
+    logp_item_sq): renaming one breaks `clickvec export --surprise approx`, loudly."""
     axis0, axis2 = g.axes[0], g.axes[2]
     # Surprise of event t is scored from the vector *before* it: the state handed in
     # for t = 0, this call's z_seq[t - 1] after that.
