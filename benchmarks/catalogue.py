@@ -207,12 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                            "versions": common.versions(), "approx": a.approx}
     with tempfile.TemporaryDirectory(prefix="clickvec-catalogue-") as tmp:
         work = Path(tmp)
-        broker = None
-        if a.events:
-            from clickvec.devtools import broker as broker_mod
-
-            broker = broker_mod.start(work / "kafka", reset=True)
-        try:
+        with common.kafka(work, start=bool(a.events)) as bootstrap:
             for spec_arg in a.run:
                 name, _, run = spec_arg.partition("=")
                 run, _, approx = run.partition("@")
@@ -236,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                 entry["step"] = {k: step_rows(v["dir"], n_items, a.max_cells, a.step_seconds)
                                  for k, v in bundles.items()}
                 if a.events and name not in a.no_worker:
-                    ctx = {"bootstrap": broker.bootstrap, "work": work, "partitions": 4}
+                    ctx = {"bootstrap": bootstrap, "work": work, "partitions": 4}
                     load = events(table, a.events)
                     entry["worker"] = worker_runs(bundles, load, ctx, a.cap_s)
                     if a.naive and spec_arg == a.run[-1]:
@@ -252,9 +247,6 @@ def main(argv: list[str] | None = None) -> None:
                 res["sizes"][name] = entry
                 a.out.parent.mkdir(parents=True, exist_ok=True)
                 a.out.write_text(json.dumps(res, indent=1, default=str) + "\n")  # partial results survive
-        finally:
-            if broker is not None:
-                broker.stop()
     res["machine"]["load_average_after"] = list(os.getloadavg())
     res["wall_s"] = time.time() - t_begin
     a.out.write_text(json.dumps(res, indent=1, default=str) + "\n")

@@ -15,6 +15,8 @@ import platform
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,26 @@ def make_events(n: int, users: int, seed: int = 0, n_items: int = N_ITEMS,
 
 
 # ------------------------------------------------------------------ kafka helpers
+
+
+@contextmanager
+def kafka(work: Path, bootstrap: str | None = None, *, start: bool = True,
+          on_start: Callable[[Any], None] | None = None) -> Iterator[str | None]:
+    """The broker a benchmark runs on: `bootstrap` when given, else a fresh one in
+    `work/kafka` for the block (stopped after it); None when neither (`start` False).
+    `on_start(broker)` runs once a fresh broker is up."""
+    if bootstrap or not start:
+        yield bootstrap
+        return
+    from clickvec.devtools import broker as broker_mod
+
+    broker = broker_mod.start(work / "kafka", reset=True)
+    try:
+        if on_start is not None:
+            on_start(broker)
+        yield broker.bootstrap
+    finally:
+        broker.stop()
 
 
 def create_topic(bootstrap: str, prefix: str, partitions: int) -> str:

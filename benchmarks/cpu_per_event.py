@@ -207,15 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     t_begin = time.time()
     with tempfile.TemporaryDirectory(prefix="clickvec-cpu-") as tmp:
         work = Path(tmp)
-        broker = None
-        if a.bootstrap:
-            bootstrap = a.bootstrap
-        else:
-            from clickvec.devtools import broker as broker_mod
-
-            broker = broker_mod.start(work / "kafka", reset=True)
-            bootstrap = broker.bootstrap
-        try:
+        with common.kafka(work, a.bootstrap) as bootstrap:
             bundle = common.make_bundle(work)
             model = pipeline.model_only(bundle)
             mcpu = [model_cpu(bundle)]
@@ -255,9 +247,6 @@ def main(argv: list[str] | None = None) -> None:
                 import shutil
 
                 shutil.copy(_Profiled.raw, Path("/tmp") / (a.profile.stem + ".raw"))
-        finally:
-            if broker is not None:
-                broker.stop()
     model_ms = 1e3 / ((model["user_steps_per_s"] + model_after["user_steps_per_s"]) / 2)
     model_cpu_ms = min(m["cpu_ms_per_step"] for m in mcpu)
     summary = {}

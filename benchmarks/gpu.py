@@ -130,23 +130,14 @@ def parity(path: Path, device: str) -> dict[str, Any]:
 
 def worker_runs(path: Path, quick: bool, bootstrap: str | None, work: Path, device: str) -> dict[str, Any]:
     from benchmarks.pipeline import backlog_run
-    from clickvec.devtools import broker as broker_mod
-
     n, users = (30_000, 1_000) if quick else (200_000, 4_000)
     events = common.make_events(n, users)
-    own = None
-    if bootstrap is None:
-        own = broker_mod.start(work / "kafka", reset=True)
-        bootstrap = own.bootstrap
-    ctx = {"bootstrap": bootstrap, "work": work, "partitions": 4, "bundle": path}
     out = {"events": n, "users": users}
-    try:
+    with common.kafka(work, bootstrap) as bootstrap:
+        ctx = {"bootstrap": bootstrap, "work": work, "partitions": 4, "bundle": path}
         for prov in dict.fromkeys((device, "cpu")):
             out[prov] = backlog_run("clickvec", events, ctx, cap_s=60, max_batch=8192 if prov == "cuda" else 1024,
                                     extra=["--providers", prov])
-    finally:
-        if own is not None:
-            own.stop()
     return out
 
 

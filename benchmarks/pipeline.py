@@ -304,16 +304,13 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="clickvec-bench-") as tmp:
         work = Path(tmp)
-        broker = None
-        if a.bootstrap:
-            bootstrap = a.bootstrap
-        else:
-            from clickvec.devtools import broker as broker_mod
+        broker_pid: list[int] = []
 
-            broker = broker_mod.start(work / "kafka", reset=True)  # a fresh broker per run
-            prioritize(a.nice, broker.pid)  # a session (autogroup) of its own
-            bootstrap = broker.bootstrap
-        try:
+        def started(b: Any) -> None:  # a fresh broker per run, in a session (autogroup) of its own
+            prioritize(a.nice, b.pid)
+            broker_pid.append(b.pid)
+
+        with common.kafka(work, a.bootstrap, on_start=started) as bootstrap:
             bundle = common.make_bundle(work)
             pin(placement.worker)  # the model alone where the worker runs
             from clickvec.bundle.reader import load_bundle
@@ -328,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
             del b
             events = make_events(n_events, n_users, seed=1)
             ctx = {"bootstrap": bootstrap, "work": work, "bundle": bundle, "partitions": a.partitions,
-                   "placement": placement, "broker_pid": broker.pid if broker is not None else None,
+                   "placement": placement, "broker_pid": broker_pid[0] if broker_pid else None,
                    "nice": a.nice}
             contenders: dict[str, dict[str, Any]] = {}
             for name in a.contenders:
@@ -348,9 +345,6 @@ def main(argv: list[str] | None = None) -> None:
                     r = paced_run(name, paced_events, warm, rate, paced_s, ctx, max_batch=a.max_batch,
                                   max_wait=a.max_wait)
                     contenders[name].setdefault("paced_fractions", []).append({"fraction": frac, **r})
-        finally:
-            if broker is not None:
-                broker.stop()
 
     res = {
         "benchmark": "pipeline",

@@ -161,23 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     t_begin = time.time()
     with tempfile.TemporaryDirectory(prefix="clickvec-bench-tx-") as tmp:
         work = Path(tmp)
-        broker = None
-        if a.bootstrap:
-            bootstrap = a.bootstrap
-        else:
-            from clickvec.devtools import broker as broker_mod
-
-            broker = broker_mod.start(work / "kafka", reset=True)
-            bootstrap = broker.bootstrap
-        try:
+        with common.kafka(work, a.bootstrap) as bootstrap:
             ctx = {"bootstrap": bootstrap, "work": work, "bundle": common.make_bundle(work),
                    "partitions": a.partitions}
             events = make_events(a.events, a.users, seed=1)
             runs = [one_run(kind, events, ctx, 60.0, a.txn_size, a.abort_every)
                     for _ in range(a.repeats) for kind in a.kinds]
-        finally:
-            if broker is not None:
-                broker.stop()
     med = {k: statistics.median(r["events_per_s"] for r in runs if r["kind"] == k) for k in a.kinds}
     cpu = {k: statistics.median(r["worker_cpu_ms_per_event"] for r in runs if r["kind"] == k) for k in a.kinds}
     ratio = med["transactional"] / med["plain"]
