@@ -110,7 +110,6 @@ class EngineConfig:
     emit: str = "every"  # "every": a vector after each event; "latest": one per user per batch
     encoding: str = "json"  # vector encoding: json | f16 | i8 | avro (through wire.registry)
     state_dtype: str = "f32"  # f32 | f16
-    max_padding_ratio: float = 4.0  # unused since users are sorted by length into calls (calls.py)
     # Users per ONNX Runtime call. The step graph's surprise is a softmax over the whole
     # catalogue, whose cost per user grows once a call holds more users than this on CPU
     # (benchmarks/README.md): a larger batch runs as several calls.
@@ -199,7 +198,7 @@ class Engine:
         """Apply a batch: events, tombstones (the module docstring), then the TTL's share."""
         result = BatchResult()
         per_user = self._group(records, result)
-        raws = _get_all(store, [(uid, items[0][1]) for (uid, _), items in per_user.items()])
+        raws = store.get_many([(uid, items[0][1]) for (uid, _), items in per_user.items()])
         # The common stored value (a float32 state of this model) unpacked for all users at once.
         known = unpack_states([r for r in raws if r is not None], self.prefix, self.layers, self.hidden)
         it = iter(known)
@@ -423,17 +422,6 @@ class Engine:
         """Write the batch's states. Call only after its outputs were delivered: a state
         that is stored implies its vectors reached the topic."""
         store.put_many(result.states)
-
-
-def _get_all(store: StateStore, keys: list[tuple[str, Record]]) -> list[bytes | None]:
-    """The stored values of the batch's users: through the store's `get_many` where it
-    has one (one RocksDB multi-get per partition instead of a chain of Python calls per
-    user), else `get` each."""
-    get_many = getattr(store, "get_many", None)
-    if get_many is not None:
-        return get_many(keys)  # type: ignore[no-any-return]
-    get = store.get
-    return [get(uid, rec) for uid, rec in keys]
 
 
 def records_from(items: Iterable[tuple[bytes | None, bytes | None, int, int]], topic: str = "clicks") -> list[Record]:

@@ -40,6 +40,11 @@ class StateStore(abc.ABC):
         stores written before deletes existed still load; they cannot forget."""
         raise NotImplementedError(f"{type(self).__name__} cannot delete states")
 
+    def get_many(self, keys: list[tuple[str, Record]]) -> list[bytes | None]:
+        """`get` of several (user_id, record) keys; stores that can read in bulk do."""
+        get = self.get
+        return [get(user_id, record) for user_id, record in keys]
+
     def put_many(self, states: Iterable[tuple[str, bytes | None, Record]]) -> None:
         """Write several (user_id, value, record) states, a None value deleting the
         user's; stores that can batch writes do."""
