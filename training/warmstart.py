@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from clickvec.training.baselines import Popularity
 from clickvec.training.model import Encoder
 
 GATE_OPEN = 4.0  # sigmoid(4) = 0.982: input and output gates open, forget gate (-4) shut
@@ -89,10 +90,7 @@ def init_from_transitions(enc: Encoder, train: Sequence[np.ndarray], seed: int =
     emb[2:] += 0.05 * scale * torch.randn(n - 2, d)
     emb[0] = 0.0
     enc.item_emb.weight.copy_(emb)
-    counts = np.zeros(n)
-    for s in train:
-        np.add.at(counts, s[:, 0].astype(np.int64), 1.0)
-    bias = torch.from_numpy(np.log1p(counts)).float()
+    bias = torch.from_numpy(np.log1p(Popularity(train, n).counts)).float()
     bias[:2] = 0.0
     enc.item_bias.copy_(bias - bias[2:].mean())
 
