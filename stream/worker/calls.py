@@ -25,7 +25,6 @@ import numpy as np
 
 from clickvec.contract.messages import (
     VectorMessage,
-    topic_json,
     vector_json_batch,
     vector_json_head,
     vector_json_many,
@@ -102,7 +101,7 @@ def run_call(engine: Engine, idx: list[int], users: list[str], states: list[User
     t0 = time.perf_counter()
     h_new, c_new, z_seq, z_last, surprise = engine.bundle.step(items, types, gaps, lengths, h, c)
     result.infer_s += time.perf_counter() - t0
-    T, B = items.shape
+    B = items.shape[1]
     now_ms = int(time.time() * 1000)
     cfg = engine.cfg
     every = cfg.emit == "every"
@@ -163,20 +162,16 @@ def _json_every(engine: Engine, idx: list[int], users: list[str], states: list[U
     ts: list[int] = []
     srcs: list[str] = []
     keys: list[bytes] = []
-    topic, tj = None, ""
     for i in idx:
         uid = users[i]
         head, key, seq = vector_json_head(uid, model_id), uid.encode(), states[i].seq
         for ev, r in pending[i]:
-            if r.topic != topic:
-                topic = r.topic
-                tj = topic_json(topic)
             seq += 1
             heads.append(head)
             keys.append(key)
             seqs.append(seq)
             ts.append(ev[3])
-            srcs.append(f'{tj}[{r.partition}]@{r.offset}"')
+            srcs.append(vector_json_source(r.topic, r.partition, r.offset))
     msgs = vector_json_batch(heads, seqs, ts, now_ms, rows, sur, srcs)
     outputs.extend(zip(keys, msgs, strict=True))
     if latest is not None:
