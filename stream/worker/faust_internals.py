@@ -179,6 +179,7 @@ async def _drain_one(app: Any, consumer: Any, topic: str, records: Any, active: 
             log.warning("seek to committed offsets while flow stopped: %s", exc)
         return
     buffered = consumer._buffered_partitions
+    new_tuple = tuple.__new__
     batch: list[Record] = []
     skips: dict[tuple[int, int], int] = {}
     others: list[tuple[TP, list[Any]]] = []
@@ -192,8 +193,9 @@ async def _drain_one(app: Any, consumer: Any, topic: str, records: Any, active: 
             continue
         partition = tp.partition
         floor = read_offset[tp]
-        kept = [r for r in recs if floor is None or r.offset >= floor]
-        batch.extend(Record(r.key, r.value, topic, partition, r.offset) for r in kept)
+        kept = recs if floor is None else [r for r in recs if r.offset >= floor]
+        # tuple.__new__ skips the NamedTuple's Python-level __new__: one Record per event.
+        batch += [new_tuple(Record, (r.key, r.value, topic, partition, r.offset)) for r in kept]
         chain.link(generation, partition, [r.offset for r in kept], skips)
         if recs:
             read_offset[tp] = recs[-1].offset
