@@ -168,11 +168,18 @@ class BatchFeed:
 
     def ack(self, batch: Batch, records: list[Record]) -> None:
         """Mark the offsets of `records` done (Faust commits them with its next commit)."""
+        per: dict[int, list[int]] = {}
+        for _, _, _, partition, offset in records:
+            offs = per.get(partition)
+            if offs is None:
+                per[partition] = [offset]
+            else:
+                offs.append(offset)
         tps = self._tps
-        offsets = []
-        for rec in records:
-            tp = tps.get(rec.partition)
+        by_tp = {}
+        for partition, offs in per.items():
+            tp = tps.get(partition)
             if tp is None:
-                tp = tps[rec.partition] = TP(self.topic, rec.partition)
-            offsets.append((tp, rec.offset))
-        faust_internals.ack_offsets(self.app.consumer, offsets, batch.token)
+                tp = tps[partition] = TP(self.topic, partition)
+            by_tp[tp] = offs
+        faust_internals.ack_offsets(self.app.consumer, by_tp, batch.token)
