@@ -31,6 +31,13 @@ from clickvec.stream.worker.views import Views
 
 log = logging.getLogger(__name__)
 
+# The collector's youngest generation is collected each time GC_GEN0 more container
+# objects are alive than at the last collection (Python's default: 700). A batch
+# allocates tens of thousands (records, parsed events, per-user tuples and states) that
+# reference counting frees with the batch: at 700 the collector ran every few hundred
+# events, and the older generations' passes with it, walking objects about to be freed.
+GC_GEN0 = 20_000
+
 __all__ = ["TABLE_NAME", "TopicMissingError", "build_app", "changelog_replicas", "ensure_topics"]
 
 
@@ -171,6 +178,7 @@ def build_app(cfg: StreamConfig, bundle: Any | None = None, partitions: int | No
         # long as the worker: keep it out of the collector's full passes, which would
         # otherwise pause the event loop while they walk it.
         gc.freeze()
+        gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
         views.ready = True
         log.info("clickvec worker ready: model %s on %s, %d partitions", bundle.model_id[:12],
                  ",".join(bundle.providers), partitions)

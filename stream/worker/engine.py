@@ -49,7 +49,7 @@ import numpy as np
 from clickvec.contract.events import EventError, parse_core_many, parse_event
 from clickvec.contract.messages import DeadLetter, dead_letter_key
 from clickvec.contract.registry import WireSettings
-from clickvec.stream.worker.calls import Event, call_plan, run_call
+from clickvec.stream.worker.calls import Event, call_plan, run_calls
 from clickvec.stream.worker.state import (
     StateError,
     UserState,
@@ -415,8 +415,8 @@ class Engine:
               keep: list[bool], store: StateStore, result: BatchResult) -> None:
         """The round's ONNX Runtime calls (calls.py): users sorted by their number of
         events, at most `max_call_batch` a call."""
-        for idx in call_plan([len(p) for p in pending], max(1, self.cfg.max_call_batch)):
-            run_call(self, idx, users, states, pending, keep, result)
+        run_calls(self, call_plan([len(p) for p in pending], max(1, self.cfg.max_call_batch)), users, states, pending,
+                  keep, result)
 
     def commit_states(self, result: BatchResult, store: StateStore) -> None:
         """Write the batch's states. Call only after its outputs were delivered: a state

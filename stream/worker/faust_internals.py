@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -179,6 +179,7 @@ async def _drain_one(app: Any, consumer: Any, topic: str, records: Any, active: 
             log.warning("seek to committed offsets while flow stopped: %s", exc)
         return
     buffered = consumer._buffered_partitions
+    new_tuple = tuple.__new__
     batch: list[Record] = []
     skips: dict[tuple[int, int], int] = {}
     others: list[tuple[TP, list[Any]]] = []
@@ -192,8 +193,9 @@ async def _drain_one(app: Any, consumer: Any, topic: str, records: Any, active: 
             continue
         partition = tp.partition
         floor = read_offset[tp]
-        kept = [r for r in recs if floor is None or r.offset >= floor]
-        batch.extend(Record(r.key, r.value, topic, partition, r.offset) for r in kept)
+        kept = recs if floor is None else [r for r in recs if r.offset >= floor]
+        # tuple.__new__ skips the NamedTuple's Python-level __new__: one Record per event.
+        batch += [new_tuple(Record, (r.key, r.value, topic, partition, r.offset)) for r in kept]
         chain.link(generation, partition, [r.offset for r in kept], skips)
         if recs:
             read_offset[tp] = recs[-1].offset
@@ -225,20 +227,27 @@ def track_unacked(consumer: Any, token: Any) -> None:
     consumer._unacked_messages.add(token)
 
 
-def ack_offsets(consumer: Any, offsets: Iterable[tuple[TP, int]], token: Any) -> None:
-    """What `Consumer.ack` does for a message, for each (tp, offset), then for `token`
-    as the message: its offsets are committed with Faust's next commit."""
+def ack_offsets(consumer: Any, offsets: Mapping[TP, Iterable[int]], token: Any) -> None:
+    """What `Consumer.ack` does for a message, for each offset of each tp, then for
+    `token` as the message: its offsets are committed with Faust's next commit.
+
+    Per tp in whole sets rather than offset by offset (a batch acks ~1,000 offsets): the
+    same offsets end up in `_acked_index` and `_acked` (the new ones, each once, those
+    below the committed offset left out) and `_n_acked` counts them; `_acked` is sorted
+    by Faust's commit before it is read."""
     committed_of = consumer._committed_offset
+    acked_index = consumer._acked_index
     n = 0
     with ack_lock:
-        for tp, offset in offsets:
+        for tp, offs in offsets.items():
             committed = committed_of[tp]
-            if committed is None or offset >= committed:
-                index = consumer._acked_index[tp]
-                if offset not in index:
-                    index.add(offset)
-                    consumer._acked[tp].append(offset)
-                    n += 1
+            fresh = set(offs) if committed is None else {o for o in offs if o >= committed}
+            index = acked_index[tp]
+            fresh -= index
+            if fresh:
+                index |= fresh
+                consumer._acked[tp] += sorted(fresh)
+                n += len(fresh)
         consumer._n_acked += n
         if token is not None:
             token.acked = True
@@ -257,7 +266,7 @@ def add_gap(consumer: Any, tp: TP, first: int, last: int) -> None:
     and merges it on every call, quadratic in the gaps between two commits: with a
     transactional upstream (a marker after every transaction) 10-event transactions cost
     16x the CPU per event of a plain upstream (benchmarks/README.md, transactional)."""
-    ack_offsets(consumer, ((tp, offset) for offset in range(first, last + 1)), None)
+    ack_offsets(consumer, {tp: range(first, last + 1)}, None)
 
 
 def committed_offset(consumer: Any, tp: TP) -> int | None:

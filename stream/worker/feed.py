@@ -117,14 +117,21 @@ class BatchFeed:
     async def batches(self) -> AsyncIterator[Batch]:
         loop = asyncio.get_running_loop()
         fetches = self._fetches
+        # Records of a fetch beyond the batch taken from it: `left[at:]`. A fetch from a
+        # backlog holds tens of thousands of records; slicing its rest off at every batch
+        # would copy it over and over.
         left: list[Record] = []
+        at = 0
         left_generation = -1
         skips: dict[tuple[int, int], int] = {}
         while True:
             # The agent resumes this generator once it applied the batch yielded last.
-            self._holding = bool(left)
-            if left:
-                generation, records, left = left_generation, left, []
+            self._holding = at < len(left)
+            if at < len(left):
+                generation, records = left_generation, left[at:at + self.max_batch]
+                at += len(records)
+                if at == len(left):
+                    left, at = [], 0
             else:
                 generation, records, skips = await fetches.get()
                 self._holding = True
@@ -147,8 +154,8 @@ class BatchFeed:
                     records.extend(more)
                     skips.update(more_skips)
             if len(records) > self.max_batch:
-                left, left_generation = records[self.max_batch:], generation
-                del records[self.max_batch:]
+                left, at, left_generation = records, self.max_batch, generation
+                records = records[:self.max_batch]
             if generation != self.app.consumer_generation_id or not self.app.consumer.flow_active:
                 continue
             yield Batch(records, skips)
@@ -161,11 +168,18 @@ class BatchFeed:
 
     def ack(self, batch: Batch, records: list[Record]) -> None:
         """Mark the offsets of `records` done (Faust commits them with its next commit)."""
+        per: dict[int, list[int]] = {}
+        for _, _, _, partition, offset in records:
+            offs = per.get(partition)
+            if offs is None:
+                per[partition] = [offset]
+            else:
+                offs.append(offset)
         tps = self._tps
-        offsets = []
-        for rec in records:
-            tp = tps.get(rec.partition)
+        by_tp = {}
+        for partition, offs in per.items():
+            tp = tps.get(partition)
             if tp is None:
-                tp = tps[rec.partition] = TP(self.topic, rec.partition)
-            offsets.append((tp, rec.offset))
-        faust_internals.ack_offsets(self.app.consumer, offsets, batch.token)
+                tp = tps[partition] = TP(self.topic, partition)
+            by_tp[tp] = offs
+        faust_internals.ack_offsets(self.app.consumer, by_tp, batch.token)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from clickvec.stream.worker.state import last_ts_of
 
@@ -15,9 +14,9 @@ if TYPE_CHECKING:
     from clickvec.stream.worker.engine import BatchResult
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One consumed Kafka message."""
+class Record(NamedTuple):
+    """One consumed Kafka message. A NamedTuple, not a dataclass: one is built per input
+    record, and a NamedTuple costs about a third as much to build."""
 
     key: bytes | None
     value: bytes | None

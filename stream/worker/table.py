@@ -54,7 +54,9 @@ class TableStore(StateStore):
     def __init__(self, table: Any, producer_conf: dict[str, Any]) -> None:
         self.table = table
         self.topic = table.changelog_topic.get_topic_name()
-        self.producer = reliable_producer(producer_conf)
+        # Uncompressed: a state is mostly float32 h and c, which lz4 shrank by 3 % (1,078 ->
+        # 1,045 bytes a record on the broker) for 0.6-0.8 us of CPU a record.
+        self.producer = reliable_producer(producer_conf, **{"compression.type": "none"})
         self._offsets: dict[int, int] = {}  # changelog partition -> last offset written
         self._errors: list[str] = []
         self._cursors: dict[int, bytes | None] = {}  # partition -> last key `expired` examined
