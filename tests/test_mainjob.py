@@ -53,7 +53,7 @@ def _topic_size(bootstrap: str, topic: str) -> int:
 @pytest.mark.slow
 def test_run_publishes_and_counts_agree_then_reuses_the_model(kafka_bootstrap: str, tmp_path: Path) -> None:
     work = tmp_path / "run"
-    s, wall1, out = _run(work, kafka_bootstrap, duration=30)
+    s, wall1, out = _run(work, kafka_bootstrap, duration=20)
     c = s["counts"]
     assert s["stopped_by"] == "duration"
     assert s["components"] == {"stream": "stopped", "alerts": "stopped", "recommend": "stopped",

@@ -12,6 +12,8 @@ of the user's behaviour.
 
 from __future__ import annotations
 
+import functools
+
 import struct
 from dataclasses import dataclass
 
@@ -132,8 +134,10 @@ def pack_states(model_prefix: bytes, heads: list[tuple[int, int, int, int]], h: 
     return [body[k:k + size] for k in range(0, users * size, size)]
 
 
+@functools.lru_cache(maxsize=16)
 def _record_dtype(code: int, layers: int, hidden: int) -> np.dtype:
-    """A stored state value as a numpy record (the layout of the module docstring)."""
+    """A stored state value as a numpy record (the layout of the module docstring). Cached:
+    building the dtype costs more than packing a small batch's states with it."""
     return np.dtype([("magic", "u1"), ("version", "u1"), ("code", "u1"), ("pad", "u1"), ("prefix", "<u8"),
                      ("seq", "<u8"), ("partition", "<i4"), ("offset", "<i8"), ("last_ts", "<i8"),
                      ("hc", _DTYPES[code], (2, layers, hidden))])
