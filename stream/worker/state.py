@@ -13,7 +13,6 @@ of the user's behaviour.
 from __future__ import annotations
 
 import functools
-
 import struct
 from dataclasses import dataclass
 
