@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from clickvec.devtools.produce import produce_records
-from clickvec.stream.worker.continuity import Continuity, find_holes, retrying
+from clickvec.stream.worker.continuity import Continuity, find_holes, low_watermark, retrying
 from clickvec.stream.worker.engine import Record
 
 
@@ -32,6 +32,30 @@ def test_find_holes_ignores_replays_below_expected():
 
 
 @pytest.mark.broker
+def test_unknown_partition_asks_for_the_topics_metadata_before_the_retry():
+    """A client that only queries offsets keeps a cached view without the partition after a
+    leader moved (librdkafka refreshes only topics a client consumes or produces): the low
+    watermark query asks for the topic's metadata before `retrying` tries again. A stand-in
+    client for this one function; tests/test_stream_cluster.py runs the real case."""
+
+    class Client:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def get_watermark_offsets(self, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+            self.calls.append("watermarks")
+            if "metadata" not in self.calls:
+                raise KafkaException(KafkaError(-190))
+            return 7, 9
+
+        def list_topics(self, topic: str, timeout: float) -> None:
+            self.calls.append("metadata")
+
+    c = Client()
+    assert retrying(lambda: low_watermark(c, "clicks", 1, 5.0), "low watermark", 5, first_wait=0.01) == 7
+    assert c.calls == ["watermarks", "metadata", "watermarks"]
+
+
 def test_holes_are_read_back_from_the_broker(kafka_bootstrap, new_topic, new_group):
     topic = new_topic(2, "cont")
     msgs = [(f"u{i % 50}".encode(), f"v{i}".encode()) for i in range(400)]

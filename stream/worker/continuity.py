@@ -42,6 +42,7 @@ RETRIABLE_CODES = frozenset({KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_
                              KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.REQUEST_TIMED_OUT,
                              KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
                              -185, -195, -190})
+UNKNOWN_PARTITION = -190  # librdkafka's local "unknown partition"
 
 
 def retrying(call: Callable[[], T], what: str, timeout: float, first_wait: float = 0.1) -> T:
@@ -61,6 +62,24 @@ def retrying(call: Callable[[], T], what: str, timeout: float, first_wait: float
             log.info("%s: %s; retrying in %.1fs", what, err, wait)
         time.sleep(wait)
         wait = min(wait * 2, 2.0)
+
+
+def low_watermark(c: Consumer, topic: str, partition: int, timeout: float) -> int:
+    """The partition's low watermark, from its leader. On librdkafka's local "unknown
+    partition" the topic's metadata is asked for before the error goes to the caller's
+    retry: librdkafka refreshes by itself only the metadata of topics a client consumes or
+    produces, and a client that only queries offsets can keep a cached view without the
+    partition after its leader moved."""
+    try:
+        return int(c.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)[0])
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else None
+        if isinstance(err, KafkaError) and err.code() == UNKNOWN_PARTITION:
+            try:
+                c.list_topics(topic, timeout=timeout)
+            except KafkaException as refresh:
+                log.info("metadata of %s: %s", topic, refresh)
+        raise
 
 
 class GapError(RuntimeError):
@@ -148,13 +167,10 @@ class Continuity:
         for tp in retrying(committed, f"committed offsets of {self.topic}", self.timeout):
             off = tp.offset
             if off == OFFSET_INVALID or off < 0:
-                off = retrying(partial(self._low_watermark, c, tp.partition),
+                off = retrying(partial(low_watermark, c, self.topic, tp.partition, self.timeout),
                                f"low watermark of {self.topic}[{tp.partition}]", self.timeout)
             out[tp.partition] = off
         return out
-
-    def _low_watermark(self, c: Consumer, partition: int) -> int:
-        return int(c.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=self.timeout)[0])
 
     def _read(self, partition: int, start: int, end: int) -> list[Record]:
         """Records of [start, end) of one partition (fewer where the log has none)."""
