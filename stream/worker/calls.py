@@ -123,11 +123,10 @@ def _finish(engine: Engine, idx: list[int], B: int, lengths: np.ndarray, out: tu
     every = cfg.emit == "every"
     outputs = result.outputs
     latest = result.latest if cfg.latest else None
-    event_ts = result.event_ts
-    if cfg.encoding == "json" and every:  # the default: every event's vector, one writer call for the whole call
-        event_ts.extend(_json_every(engine, idx, users, states, pending, z_seq, surprise, lengths, now_ms,
-                                    outputs, latest))
-        event_ts = None
+    json_every = cfg.encoding == "json" and every  # the default
+    if json_every:  # every event's vector, one writer call for the whole call; it gives the events' times
+        result.event_ts.extend(_json_every(engine, idx, users, states, pending, z_seq, surprise, lengths, now_ms,
+                                           outputs, latest))
     elif cfg.encoding == "json":
         rows = vector_json_rows(np.ascontiguousarray(z_last, np.float32).reshape(-1, z_last.shape[-1]))
         _json_latest(engine, idx, users, states, pending, rows, surprise.T.tolist(), now_ms, outputs, latest)
@@ -141,8 +140,8 @@ def _finish(engine: Engine, idx: list[int], B: int, lengths: np.ndarray, out: tu
         evs = pending[i]
         n = len(evs)
         applied += n
-        if event_ts is not None:
-            event_ts.extend(ev[3] for ev, _ in evs)
+        if not json_every:
+            result.event_ts.extend(ev[3] for ev, _ in evs)
         if keep[i]:  # else: erased by a tombstone later in the batch
             last_ev, last_rec = evs[-1]
             kept.append(b)

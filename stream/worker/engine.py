@@ -93,6 +93,12 @@ class BatchResult:
 _Item = tuple[Event | None, Record]  # an event, or (None, tombstone)
 
 
+def _after(rec: Record, partition: int, offset: int) -> bool:
+    """Whether `rec` is new after the last record applied, (partition, offset): a record
+    of the same partition at or below that offset is a replay."""
+    return rec.partition != partition or rec.offset > offset
+
+
 @dataclass(slots=True)
 class _Plan:
     """One user's part of a batch (Engine._plan)."""
@@ -213,7 +219,7 @@ class Engine:
         for ((uid, _), items), raw, st in zip(per_user.items(), raws, starts, strict=True):
             if st is not None and len(items) == 1:
                 rec = items[0][1]
-                if items[0][0] is not None and (rec.partition != st.partition or rec.offset > st.offset):
+                if items[0][0] is not None and _after(rec, st.partition, st.offset):
                     users.append(uid)
                     states.append(st)
                     pending.append(items)  # type: ignore[arg-type]
@@ -346,7 +352,7 @@ class Engine:
         new: list[_Item] = []
         last_p, last_o = st.partition, st.offset
         for ev, rec in items:
-            if rec.partition == last_p and rec.offset <= last_o:
+            if not _after(rec, last_p, last_o):
                 continue
             new.append((ev, rec))
             last_p, last_o = rec.partition, rec.offset
